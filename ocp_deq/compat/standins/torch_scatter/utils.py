@@ -1,0 +1,3 @@
+from . import broadcast
+
+__all__ = ["broadcast"]

@@ -1,0 +1,56 @@
+"""Read and write LMDBs in the layout fairchem's ``LmdbDataset`` reads.
+
+Keys are ascii integers "0".."N-1" plus a pickled ``length`` key; values are pickled
+``torch_geometric.data.Data``. Writing goes to a temporary file renamed into place at the
+end, so a failed write never leaves a partial LMDB behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Iterable
+
+import lmdb
+
+_MAP_SIZE = 1 << 40  # sparse file: only what is written takes disk space
+
+
+def write_lmdb(path: str | Path, frames: Iterable) -> int:
+    """Write ``frames`` (Data objects) to the LMDB file ``path``; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        env = lmdb.open(str(tmp), subdir=False, map_size=_MAP_SIZE, meminit=False, map_async=True)
+        with env.begin(write=True) as txn:
+            for count, frame in enumerate(frames, start=1):
+                txn.put(str(count - 1).encode("ascii"), pickle.dumps(frame, protocol=-1))
+            txn.put(b"length", pickle.dumps(count, protocol=-1))
+        env.sync()
+        env.close()
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-lock")):
+            if leftover.exists():
+                leftover.unlink()
+    return count
+
+
+def read_lmdb(path: str | Path) -> list:
+    """All frames of one LMDB file (or of every ``*.lmdb`` in a folder), in key order."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.lmdb"))
+    if not files:
+        raise FileNotFoundError(f"no LMDB file at '{path}'")
+    frames = []
+    for file in files:
+        env = lmdb.open(str(file), subdir=False, readonly=True, lock=False)
+        with env.begin() as txn:
+            raw = txn.get(b"length")
+            length = pickle.loads(raw) if raw is not None else env.stat()["entries"]
+            frames.extend(pickle.loads(txn.get(str(i).encode("ascii"))) for i in range(length))
+        env.close()
+    return frames

@@ -1,0 +1,3 @@
+from ocp_deq.trainers.deq_trainer import DEQTrainer
+
+__all__ = ["DEQTrainer"]
