@@ -75,10 +75,19 @@ def _build_system(rng: np.random.Generator, spec: ToySpec):
     layer_of = slab.get_tags()
     slab.calc = EMT()
     e_slab = slab.get_potential_energy()
-    height = 1.0 if adsorbate == "H" else 1.4
-    add_adsorbate(slab, adsorbate, height, site)
+    add_adsorbate(slab, adsorbate, 1.5, site)
     atoms = slab
     n_slab = len(atoms) - 1
+    atoms.calc = EMT()
+    # start near the EMT-preferred height (a 1-D scan), then perturb: forces stay realistic
+    base_z = atoms.positions[n_slab, 2] - 1.5
+    heights = np.arange(0.6, 2.4, 0.1)
+    energies = []
+    for h in heights:
+        atoms.positions[n_slab, 2] = base_z + h
+        energies.append(atoms.get_potential_energy())
+    atoms.positions[n_slab, 2] = base_z + heights[int(np.argmin(energies))]
+    atoms.positions[n_slab] += rng.normal(0, 0.12, size=3)
     tags = np.zeros(len(atoms), dtype=int)
     tags[:n_slab][layer_of == 1] = 1
     tags[n_slab:] = 2
@@ -86,7 +95,6 @@ def _build_system(rng: np.random.Generator, spec: ToySpec):
     fixed[:n_slab][layer_of > layers - spec.fixed_layers] = 1
     atoms.set_tags(tags)
     atoms.set_constraint(FixAtoms(indices=np.flatnonzero(fixed)))
-    atoms.positions[n_slab:] += rng.normal(0, 0.15, size=(1, 3))
     atoms.calc = EMT()
     return atoms, fixed, e_slab, f"{metal}111+{adsorbate}@{site}"
 

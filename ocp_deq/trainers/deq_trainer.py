@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
-import torch
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
 from ocp_deq.models.deq_equiformer_v2 import SOLVER_STAT_KEYS
 
 
-class MissingTargetError(KeyError):
-    """An S2EF frame lacks a label the loss needs."""
+class MissingLabelError(KeyError):
+    """An S2EF frame lacks a label its split needs."""
 
     def __str__(self):
         return str(self.args[0])
+
+
+class LabelCheckingCollater:
+    """fairchem's collater, after checking each frame carries the labels its split needs
+    (otherwise PyG fails later with an error that names neither file nor frame)."""
+
+    def __init__(self, collater, required: tuple[str, ...], where: str):
+        self.collater, self.required, self.where = collater, required, where
+
+    def __call__(self, frames):
+        for frame in frames:
+            missing = [key for key in self.required if key not in frame]
+            if missing:
+                raise MissingLabelError(
+                    f"{self.where}: frame sid={getattr(frame, 'sid', '?')} fid={getattr(frame, 'fid', '?')} "
+                    f"has no {missing} (keys: {sorted(frame.keys())})"
+                )
+        return self.collater(frames)
 
 
 @registry.register_trainer("deq")
@@ -24,6 +41,14 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
     residual (``deq_residual``) and the fraction of graphs that did not converge
     (``deq_unconverged``), on the console line and in the configured logger."""
 
+    def load_extras(self) -> None:
+        # fairchem turns warmup_epochs into int(warmup_epochs * steps_per_epoch) and divides
+        # by it: on small data that is 0. Keep at least one warmup step.
+        params = self.config["optim"].get("scheduler_params", {})
+        if self.train_loader is not None and params.get("warmup_epochs"):
+            params["warmup_epochs"] = max(params["warmup_epochs"], 1.0 / len(self.train_loader))
+        super().load_extras()
+
     def load_model(self) -> None:
         super().load_model()
         self._solver_stats = None
@@ -33,17 +58,22 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
         if isinstance(output, dict) and all(key in output for key in SOLVER_STAT_KEYS):
             self._solver_stats = {key: output[key].detach() for key in SOLVER_STAT_KEYS}
 
-    def _compute_loss(self, out, batch):
-        for target_name, _ in self.loss_functions:
-            if target_name not in batch.keys():
-                sids = batch.sid.tolist() if hasattr(batch, "sid") else "?"
-                fids = batch.fid.tolist() if hasattr(batch, "fid") else "?"
-                src = self.config["dataset"].get("src", "?")
-                raise MissingTargetError(
-                    f"training frames have no '{target_name}' (dataset.train.src={src}, "
-                    f"frames sid={sids}, fid={fids}); every S2EF training frame needs it"
-                )
-        return super()._compute_loss(out, batch)
+    def get_dataloader(self, dataset, sampler, workers=None):
+        labelled = {
+            "train": (getattr(self, "train_dataset", None), "dataset"),
+            "val": (getattr(self, "val_dataset", None), "val_dataset"),
+        }
+        split = next((name for name, (ds, _) in labelled.items() if ds is dataset), None)
+        if split is not None:
+            required = tuple(self.output_targets)
+            where = f"dataset.{split} ({self.config[labelled[split][1]].get('src', '?')})"
+            collater = self.collater
+            self.collater = LabelCheckingCollater(collater, required, where)
+            try:
+                return super().get_dataloader(dataset, sampler, workers)
+            finally:
+                self.collater = collater
+        return super().get_dataloader(dataset, sampler, workers)
 
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
         metrics = super()._compute_metrics(out, batch, evaluator, metrics)

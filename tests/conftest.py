@@ -1,0 +1,56 @@
+"""Shared fixtures: small generated toy data, tiny models and a CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ocp_deq  # noqa: F401  (stand-ins + registry)
+from fairchem.core.common.utils import load_config
+from ocp_deq.data.toy_s2ef import ToySpec, generate_toy_data
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIGS = REPO / "configs" / "s2ef" / "toy"
+
+# A tiny EquiformerV2 width: enough for every code path, seconds per forward on CPU.
+TINY_MODEL = dict(
+    sphere_channels=16, attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8,
+    attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16, num_distance_basis=64,
+    lmax_list=[2], mmax_list=[2], num_sphere_samples=32,
+)
+SMALL_SPEC = ToySpec(seed=1, systems={"train": 4, "val": 2, "test": 2}, relax_systems=2, relax_frames=4, md_frames=4)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    return generate_toy_data(tmp_path_factory.mktemp("toy_s2ef"), SMALL_SPEC)
+
+
+def make_config(directory: Path, data_root: Path, config_name: str = "deq_equiformer_v2_toy.yml",
+                model: dict | None = None, optim: dict | None = None) -> Path:
+    """A toy config (includes merged) pointed at ``data_root``, with a tiny model."""
+    config, _, _ = load_config(str(TOY_CONFIGS / config_name))
+    config.pop("toy_data", None)
+    for split in ("train", "val", "test", "relax"):
+        config["dataset"][split]["src"] = str(data_root / split)
+    config["model"].update(TINY_MODEL)
+    config["model"].update(model or {})
+    config["optim"].update({"batch_size": 4, "eval_batch_size": 4, "max_epochs": 1})
+    config["optim"].update(optim or {})
+    path = directory / f"test_{config_name}"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,112 @@
+"""End to end through main.py: train, checkpoint, predict, validate, and clear errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import make_config, run_cli
+from ocp_deq.cli import ConfigError, resolve_config
+from ocp_deq.data import read_lmdb, write_lmdb
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli")
+    config = make_config(work, toy_root, optim={"max_epochs": EPOCHS, "lr_initial": 0.004})
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", work / "run",
+                   "--identifier", "t", "--print-every", "1", cwd=work)
+    checkpoints = list((work / "run" / "checkpoints").glob("*/checkpoint.pt"))
+    return work, config, proc, checkpoints
+
+
+def test_train_writes_checkpoint_and_logs_solver_statistics(trained):
+    work, _, proc, checkpoints = trained
+    assert len(checkpoints) == 1
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    assert any(key.endswith("backbone.deq_post_norm.affine_weight") for key in state["state_dict"])
+    log = proc.stdout + proc.stderr
+    assert re.search(r"deq_nstep: [0-9.e+-]+, deq_residual: [0-9.e+-]+, deq_unconverged", log)
+    # validation after the run also reports solver statistics
+    assert re.search(r"forces_mae: [0-9.]+.*deq_nstep: [0-9.]+", log)
+
+
+def test_training_loss_decreases(trained):
+    _, _, proc, _ = trained
+    log = proc.stdout + proc.stderr
+    steps = [(float(epoch), float(loss)) for loss, epoch in
+             re.findall(r"loss: ([0-9.e+-]+), lr: [0-9.e+-]+, epoch: ([0-9.e+-]+)", log)]
+    first = [loss for epoch, loss in steps if epoch <= 1.0]
+    last = [loss for epoch, loss in steps if epoch > EPOCHS - 1]
+    assert first and last, log[-2000:]
+    assert np.mean(last) < 0.8 * np.mean(first), (np.mean(first), np.mean(last))
+
+
+def test_predict_writes_s2ef_predictions(trained, toy_root):
+    work, config, _, checkpoints = trained
+    run_cli("--mode", "predict", "--config-yml", config, "--cpu", "--run-dir", work / "pred",
+            "--identifier", "p", "--checkpoint", checkpoints[0], cwd=work)
+    [npz] = list((work / "pred" / "results").glob("*/ocp_predictions.npz"))
+    pred = np.load(npz)
+    assert {"ids", "energy", "forces", "chunk_idx"} <= set(pred.files)
+    frames = read_lmdb(toy_root / "test")
+    free_atoms = [int((f.fixed == 0).sum()) for f in frames]
+    assert sorted(pred["ids"]) == sorted(f"{f.sid}_{f.fid}" for f in frames)
+    assert pred["energy"].reshape(-1).shape == (len(frames),)
+    assert pred["forces"].shape == (sum(free_atoms), 3)
+    assert len(pred["chunk_idx"]) == len(frames) - 1
+    assert np.isfinite(pred["forces"]).all()
+
+
+def test_validate_reports_metrics(trained):
+    work, config, _, checkpoints = trained
+    proc = run_cli("--mode", "validate", "--config-yml", config, "--cpu", "--run-dir", work / "val",
+                   "--identifier", "v", "--checkpoint", checkpoints[0], cwd=work)
+    log = proc.stdout + proc.stderr
+    assert re.search(r"energy_mae: [0-9.]+, .*forces_mae: [0-9.]+, .*deq_nstep: [0-9.]+", log)
+
+
+def test_config_names_resolve_under_configs():
+    assert resolve_config("deq_equiformer_v2_toy.yml").parts[-3:] == ("s2ef", "toy", "deq_equiformer_v2_toy.yml")
+    assert resolve_config("2M/deq_equiformer_v2_small_l3.yml").parts[-2:] == ("2M", "deq_equiformer_v2_small_l3.yml")
+    with pytest.raises(ConfigError, match=r"ambiguous(.|\n)*200k/deq_equiformer_v2_small_l3.yml(.|\n)*2M/"):
+        resolve_config("deq_equiformer_v2_small_l3.yml")
+
+
+def test_unknown_config_name_is_a_clear_error(tmp_path):
+    proc = run_cli("--mode", "train", "--config-yml", "no_such_model.yml", "--cpu", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "config 'no_such_model.yml' is neither a file nor a config name" in proc.stderr
+    assert "toy/deq_equiformer_v2_toy.yml" in proc.stderr  # lists the candidates
+
+
+def test_missing_lmdb_path_is_a_clear_error(toy_root, tmp_path):
+    config = make_config(tmp_path, toy_root)
+    data = yaml.safe_load(config.read_text())
+    data["dataset"]["val"]["src"] = str(tmp_path / "nowhere")
+    config.write_text(yaml.safe_dump(data))
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"dataset.val.src: LMDB path '{tmp_path / 'nowhere'}' does not exist" in proc.stderr
+
+
+def test_frame_without_forces_is_a_clear_error(toy_root, tmp_path):
+    frames = read_lmdb(toy_root / "train")[:8]
+    del frames[5].forces
+    write_lmdb(tmp_path / "broken" / "train" / "data.lmdb", frames)
+    config = make_config(tmp_path, toy_root)
+    data = yaml.safe_load(config.read_text())
+    data["dataset"]["train"]["src"] = str(tmp_path / "broken" / "train")
+    config.write_text(yaml.safe_dump(data))
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "run", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode != 0
+    expected = f"dataset.train ({tmp_path / 'broken' / 'train'}): frame sid={frames[5].sid} fid={frames[5].fid} has no ['forces']"
+    assert expected in proc.stderr

@@ -1,0 +1,70 @@
+"""The generated toy S2EF data: fairchem reads it, OC20 conventions hold, it is reproducible."""
+
+import numpy as np
+import torch
+from fairchem.core.datasets import LmdbDataset
+
+from conftest import SMALL_SPEC
+from ocp_deq.data import read_lmdb
+from ocp_deq.data.toy_s2ef import ensure_toy_data, generate_toy_data
+
+FRAMES_PER_SYSTEM = SMALL_SPEC.relax_frames + SMALL_SPEC.md_frames
+
+
+def test_fairchem_lmdb_dataset_reads_every_split(toy_root):
+    for split, labelled in (("train", True), ("val", True), ("test", False)):
+        dataset = LmdbDataset({"src": str(toy_root / split)})
+        assert len(dataset) == SMALL_SPEC.systems[split] * FRAMES_PER_SYSTEM
+        frame = dataset[0]
+        for key in ("pos", "cell", "atomic_numbers", "natoms", "tags", "fixed", "sid", "fid"):
+            assert key in frame, key
+        assert ("energy" in frame and "forces" in frame) == labelled
+    relax = LmdbDataset({"src": str(toy_root / "relax")})
+    assert len(relax) == SMALL_SPEC.relax_systems
+    assert relax[0].pos_relaxed.shape == relax[0].pos.shape
+
+
+def test_oc20_conventions(toy_root):
+    frames = read_lmdb(toy_root / "train")
+    for frame in frames:
+        n = int(frame.natoms)
+        assert frame.pos.shape == frame.forces.shape == (n, 3)
+        assert frame.cell.shape == (1, 3, 3)
+        assert set(frame.tags.tolist()) == {0, 1, 2}
+        assert frame.atomic_numbers[frame.tags == 2].tolist()[0] in (1, 6, 7, 8)  # H, C, N, O
+        # fixed = the subsurface layers: all tag-0 atoms, never surface or adsorbate atoms
+        assert torch.equal(frame.fixed.bool(), frame.tags == 0)
+    # sid per trajectory, fid per frame in order
+    sids = [f.sid for f in frames]
+    assert len(set(sids)) == SMALL_SPEC.systems["train"]
+    for sid in set(sids):
+        assert [f.fid for f in frames if f.sid == sid] == list(range(FRAMES_PER_SYSTEM))
+
+
+def test_labels_are_emt_energies_and_forces(toy_root):
+    """Forces are -dE/dx of the stored (referenced) energy: check with a finite difference."""
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+
+    frame = read_lmdb(toy_root / "train")[2]
+    atoms = Atoms(numbers=frame.atomic_numbers.numpy(), positions=frame.pos.double().numpy(),
+                  cell=frame.cell[0].double().numpy(), pbc=True, calculator=EMT())
+    np.testing.assert_allclose(atoms.get_forces(), frame.forces.numpy(), atol=2e-4)
+    h, atom = 1e-4, int(frame.natoms) - 1
+    energies = []
+    for sign in (1, -1):
+        shifted = atoms.copy()
+        shifted.calc = EMT()
+        shifted.positions[atom, 0] += sign * h
+        energies.append(shifted.get_potential_energy())
+    np.testing.assert_allclose(-(energies[0] - energies[1]) / (2 * h), frame.forces[atom, 0].item(), atol=2e-3)
+
+
+def test_reproducible_and_not_regenerated(tmp_path, toy_root):
+    again = generate_toy_data(tmp_path / "again", SMALL_SPEC)
+    a, b = read_lmdb(toy_root / "val"), read_lmdb(again / "val")
+    assert [f.energy for f in a] == [f.energy for f in b]
+    assert all(torch.equal(x.pos, y.pos) for x, y in zip(a, b))
+    stamp = (again / "val" / "data.lmdb").stat().st_mtime_ns
+    ensure_toy_data(again, SMALL_SPEC)  # same spec: nothing rewritten
+    assert (again / "val" / "data.lmdb").stat().st_mtime_ns == stamp
