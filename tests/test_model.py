@@ -86,9 +86,12 @@ def deterministic_edge_frames(monkeypatch):
 
 def test_graph_prediction_is_independent_of_batch_partners(frames, monkeypatch):
     deterministic_edge_frames(monkeypatch)
-    model = build("deq_equiformer_v2", num_layers=1, deq={"eval_solver": {"tol": 1e-3, "max_iter": 60}})
-    chosen = [frames[0], frames[9], frames[17]]
+    model = build("deq_equiformer_v2", num_layers=1, deq={"eval_solver": {"tol": 2e-3, "max_iter": 60}})
+    # converged graphs only: a graph stopped at max_iter depends on round-off anywhere
+    probe = model(data_list_collater(frames[:12], otf_graph=True))
+    chosen = [frames[i] for i in torch.nonzero(probe["deq_converged"]).flatten()[:4].tolist()]
     batch_out = model(data_list_collater(chosen, otf_graph=True))
+    assert bool(batch_out["deq_converged"].all())
     assert len(set(batch_out["deq_nstep"].tolist())) > 1, "graphs should need different iteration counts"
     start = 0
     for i, frame in enumerate(chosen):

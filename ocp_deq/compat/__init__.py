@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 STANDIN_DIR = Path(__file__).with_name("standins")
-STANDIN_PACKAGES = ("torch_scatter", "torch_sparse")
+STANDIN_PACKAGES = ("torch_scatter", "torch_sparse", "pyg_lib")
 
 
 class _StandinFinder(importlib.abc.MetaPathFinder):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
+GRADIENTS = ("phantom", "ift", "bptt")
+NONFINITE_ACTIONS = ("stop", "skip")
 STOP_MODES = ("rel", "abs")
 INJECTIONS = ("add_rescale", "add")
 
@@ -37,6 +39,8 @@ class SolverSettings:
     anderson_m: int = 5
 
     def validate(self, where: str) -> None:
+        if self.solver == "anderson" and int(self.max_iter) < 3:
+            raise DEQConfigError(f"{where}.max_iter must be >= 3 for anderson (it evaluates f twice before mixing)")
         if self.solver not in SOLVERS:
             raise DEQConfigError(f"{where}.solver='{self.solver}' must be one of {SOLVERS}")
         if self.stop_mode not in STOP_MODES:
@@ -48,28 +52,82 @@ class SolverSettings:
 
 
 @dataclass
+class CorrectionSettings:
+    """Fixed-point correction: extra losses on ``n_states - 1`` earlier solver states."""
+
+    n_states: int = 1
+    decay: float = 0.8
+
+    def validate(self, where: str) -> None:
+        if int(self.n_states) < 1:
+            raise DEQConfigError(f"{where}.n_states must be >= 1, got {self.n_states}")
+        if not 0 < self.decay <= 1:
+            raise DEQConfigError(f"{where}.decay must be in (0, 1], got {self.decay}")
+
+
+@dataclass
+class JacobianSettings:
+    """Jacobian regularisation: weight * ||df/dz||_F^2 / dim (Hutchinson), every 1/freq steps."""
+
+    weight: float = 0.0
+    freq: float = 1.0
+    vectors: int = 1
+
+    def validate(self, where: str) -> None:
+        if self.weight < 0 or not 0 <= self.freq <= 1 or int(self.vectors) < 1:
+            raise DEQConfigError(f"{where}: need weight >= 0, 0 <= freq <= 1, vectors >= 1")
+
+
+@dataclass
 class DEQSettings:
     """Everything DEQ-specific; lives under ``model: {deq: {...}}`` in the yml."""
 
     injection: str = "add_rescale"
+    pre_norm: bool = False
     post_norm: bool = True
+    gradient: str = "phantom"
     grad_steps: int = 1
     grad_tau: float = 1.0
+    weight_norm: bool = False
+    spectral_norm: bool = False
+    variational_dropout: float = 0.0
+    on_nonfinite: str = "stop"
     train_solver: SolverSettings = field(default_factory=SolverSettings)
     eval_solver: SolverSettings = field(default_factory=SolverSettings)
+    backward_solver: SolverSettings = field(
+        default_factory=lambda: SolverSettings(solver="anderson", tol=1e-4, max_iter=40)
+    )
+    jacobian: JacobianSettings = field(default_factory=JacobianSettings)
+    correction: CorrectionSettings = field(default_factory=CorrectionSettings)
+
+    _SECTIONS = {
+        "train_solver": SolverSettings,
+        "eval_solver": SolverSettings,
+        "backward_solver": SolverSettings,
+        "jacobian": JacobianSettings,
+        "correction": CorrectionSettings,
+    }
 
     @classmethod
     def from_config(cls, values: dict | None, where: str = "model.deq") -> "DEQSettings":
         values = dict(values or {})
-        for key in ("train_solver", "eval_solver"):
+        for key, section in cls._SECTIONS.items():
             if key in values:
                 if not isinstance(values[key], dict):
-                    raise DEQConfigError(f"{where}.{key} must be a mapping of solver options")
-                values[key] = _build(SolverSettings, values[key], f"{where}.{key}")
+                    raise DEQConfigError(f"{where}.{key} must be a mapping of options")
+                values[key] = _build(section, values[key], f"{where}.{key}")
         return _build(cls, values, where)
 
     def validate(self, where: str) -> None:
         if self.injection not in INJECTIONS:
             raise DEQConfigError(f"{where}.injection='{self.injection}' must be one of {INJECTIONS}")
+        if self.gradient not in GRADIENTS:
+            raise DEQConfigError(f"{where}.gradient='{self.gradient}' must be one of {GRADIENTS}")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise DEQConfigError(f"{where}.on_nonfinite='{self.on_nonfinite}' must be one of {NONFINITE_ACTIONS}")
         if int(self.grad_steps) < 1:
             raise DEQConfigError(f"{where}.grad_steps must be >= 1, got {self.grad_steps}")
+        if self.weight_norm and self.spectral_norm:
+            raise DEQConfigError(f"{where}: choose one of weight_norm and spectral_norm")
+        if not 0 <= self.variational_dropout < 1:
+            raise DEQConfigError(f"{where}.variational_dropout must be in [0, 1)")

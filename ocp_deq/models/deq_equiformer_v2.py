@@ -6,6 +6,8 @@ f(z, x) = post_norm(blocks(inject(z, x)));  final norm -> fairchem's EquiformerV
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
@@ -13,27 +15,42 @@ from fairchem.core.models.base import HydraModel
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
 from fairchem.core.models.equiformer_v2.layer_norm import get_normalization_layer
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding
-from torchdeq import get_deq
+from torchdeq.dropout import VariationalDropout, reset_dropout
+from torchdeq.grad import backward_factory
+from torchdeq.loss import jac_reg
+from torchdeq.norm import apply_norm, reset_norm
+from torchdeq.utils.layer_utils import DEQWrapper
 
-from ocp_deq.deq import DEQSettings, pack_graphs, unpack_graphs
+from ocp_deq.deq import DEQSettings, PerGraphSolver, pack_graphs, unpack_graphs
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
 
 _STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
 
 
-def _build_deq(solver: SolverSettings, settings: DEQSettings):
-    """One torchdeq DEQ object for a given forward-solver setting."""
-    kwargs = {"m": solver.anderson_m} if solver.solver == "anderson" else {}
-    deq = get_deq(
-        core="sliced",
-        f_solver=f"per_graph_{solver.solver}",
-        f_max_iter=int(solver.max_iter),
-        f_tol=float(solver.tol),
-        f_stop_mode=solver.stop_mode,
-        grad=int(settings.grad_steps),
-        tau=float(settings.grad_tau),
-    )
-    return deq, kwargs
+def _solver_kwargs(solver: SolverSettings) -> dict:
+    kwargs = dict(max_iter=int(solver.max_iter), tol=float(solver.tol), stop_mode=solver.stop_mode)
+    if solver.solver == "anderson":
+        kwargs["m"] = int(solver.anderson_m)
+    return kwargs
+
+
+def unrolled_solve(f, z, solver: SolverSettings):
+    """Plain fixed-point iteration *with* autograd (BPTT), each graph frozen once converged."""
+    tol, max_iter = float(solver.tol), int(solver.max_iter)
+    active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    nstep = torch.zeros(z.shape[0], device=z.device)
+    residual = torch.full((z.shape[0],), float("inf"), device=z.device)
+    for _ in range(max_iter):
+        fz = f(z)
+        diff = (fz - z).detach().norm(dim=1)
+        res = diff / (fz.detach().norm(dim=1) + 1e-9) if solver.stop_mode == "rel" else diff
+        z = torch.where(active[:, None], fz, z)
+        residual = torch.where(active, res, residual)
+        nstep = nstep + active.float()
+        active = active & (res >= tol)
+        if not active.any():
+            break
+    return z, {"nstep": nstep, "rel_lowest": residual, "converged": ~active}
 
 
 def per_graph_sum(values: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
@@ -55,17 +72,20 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
             if kwargs[key]:
                 raise DEQConfigError(
                     f"model.{key}={kwargs[key]}: random dropout inside the implicit layer changes "
-                    f"f at every solver iteration, so a fixed point does not exist; set it to 0"
+                    f"f at every solver iteration, so a fixed point does not exist; set it to 0 "
+                    f"(model.deq.variational_dropout keeps one mask per forward)"
                 )
-        self.deq_settings = DEQSettings.from_config(deq)
+        self.deq_settings = settings = DEQSettings.from_config(deq)
         super().__init__(num_layers=num_layers, **kwargs)
-        self.deq_post_norm = (
-            get_normalization_layer(self.norm_type, lmax=max(self.lmax_list), num_channels=self.sphere_channels)
-            if self.deq_settings.post_norm
-            else None
-        )
-        self.deq_train, self.train_solver_kwargs = _build_deq(self.deq_settings.train_solver, self.deq_settings)
-        self.deq_eval, self.eval_solver_kwargs = _build_deq(self.deq_settings.eval_solver, self.deq_settings)
+
+        def norm_layer():
+            return get_normalization_layer(self.norm_type, lmax=max(self.lmax_list), num_channels=self.sphere_channels)
+
+        self.deq_pre_norm = norm_layer() if settings.pre_norm else None
+        self.deq_post_norm = norm_layer() if settings.post_norm else None
+        self.deq_dropout = VariationalDropout(settings.variational_dropout) if settings.variational_dropout else None
+        if settings.weight_norm or settings.spectral_norm:
+            apply_norm(self.blocks, norm_type="weight_norm" if settings.weight_norm else "spectral_norm")
 
     # -- encoder ---------------------------------------------------------------------
     def encode(self, data):
@@ -117,7 +137,8 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
 
     def implicit_layer(self, z: torch.Tensor, x: torch.Tensor, graph, batch, num_graphs) -> torch.Tensor:
         h = SO3_Embedding(0, self.lmax_list, self.sphere_channels, self.device, self.dtype)
-        h.set_embedding(self.inject(z, x, batch, num_graphs))
+        u = self.inject(z, x, batch, num_graphs)
+        h.set_embedding(self.deq_pre_norm(u) if self.deq_pre_norm is not None else u)
         for block in self.blocks:
             h = block(
                 h,
@@ -128,55 +149,119 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
                 node_offset=graph.node_offset,
             )
         out = h.embedding
+        if self.deq_dropout is not None:
+            out = self.deq_dropout(out)
         return self.deq_post_norm(out) if self.deq_post_norm is not None else out
 
-    def solve(self, x: torch.Tensor, graph, data, z0: torch.Tensor | None = None):
-        """Run the torchdeq solver on per-graph packed states; returns (z*, stats)."""
+    def solve(self, x: torch.Tensor, graph, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
+        """Find z* per graph and attach the configured gradient.
+
+        Returns (z* [N, ...], extra states for fixed-point correction, stats per graph).
+        Gradients flow only when autograd is on and either training or positions require
+        grad (conservative forces); derivatives w.r.t. positions always use an exact path
+        (IFT, or BPTT when chosen), phantom gradients only serve parameters.
+        """
+        settings = self.deq_settings
         batch, natoms = data.batch, data.natoms
-        num_graphs = natoms.numel()
-        feat_shape = x.shape[1:]
+        num_graphs, feat_shape = natoms.numel(), x.shape[1:]
+        solver = solver or (settings.train_solver if self.training else settings.eval_solver)
 
         def f(packed):
             z = unpack_graphs(packed, batch, natoms, feat_shape)
             return pack_graphs(self.implicit_layer(z, x, graph, batch, num_graphs), batch, natoms)
 
-        deq, solver_kwargs = (
-            (self.deq_train, self.train_solver_kwargs) if self.training else (self.deq_eval, self.eval_solver_kwargs)
-        )
-        z_init = pack_graphs(torch.zeros_like(x) if z0 is None else z0, batch, natoms)
-        z_out, info = deq(f, z_init, solver_kwargs=dict(solver_kwargs))
-        z_star = unpack_graphs(z_out[-1], batch, natoms, feat_shape)
+        z_init = pack_graphs(torch.zeros_like(x) if z0 is None else z0.to(x.dtype), batch, natoms)
+        needs_grad = torch.is_grad_enabled() and (self.training or data.pos.requires_grad)
+        mode = settings.gradient
+        if mode == "phantom" and data.pos.requires_grad:
+            mode = "ift"
+        states = []
+        if needs_grad and mode == "bptt":
+            z, info = unrolled_solve(f, z_init, solver)
+        else:
+            n_states = int(settings.correction.n_states) if (self.training and needs_grad) else 1
+            indexing = _spread(solver, n_states)
+            with torch.no_grad():
+                z, trajectory, info = PerGraphSolver(solver.solver)(f, z_init, indexing=indexing, **_solver_kwargs(solver))
+            if needs_grad:
+                wrapped = DEQWrapper(f, None)
+                if mode == "ift":
+                    backward = self.deq_settings.backward_solver
+                    attach = backward_factory(
+                        grad_type="ift", b_solver=PerGraphSolver(backward.solver), b_solver_kwargs=_solver_kwargs(backward)
+                    )
+                    z = attach(None, wrapped, z.detach())[-1]
+                else:
+                    phantom = backward_factory(grad_type=int(settings.grad_steps), tau=float(settings.grad_tau))
+                    z = phantom(None, wrapped, z.detach())[-1]
+                    states = [phantom(None, wrapped, s.detach())[-1] for s in trajectory[:-1]]
+        z_star = unpack_graphs(z, batch, natoms, feat_shape)
+        states = [unpack_graphs(s, batch, natoms, feat_shape) for s in states]
         stats = {
-            "deq_nstep": info["nstep"].detach(),
+            "deq_nstep": info["nstep"].detach().float(),
             "deq_residual": info["rel_lowest"].detach(),
             "deq_converged": info["converged"].detach(),
         }
-        return z_star, stats
+        if needs_grad and self.training and self._jacobian_due():
+            zj = z.detach().requires_grad_()
+            stats["deq_jac_loss"] = jac_reg(f(zj), zj, vecs=int(settings.jacobian.vectors))
+        return z_star, states, stats
 
-    def forward(self, data):
-        x, graph = self.encode(data)
-        z_star, stats = self.solve(x, graph, data)
+    def _jacobian_due(self) -> bool:
+        jac = self.deq_settings.jacobian
+        return jac.weight > 0 and (jac.freq >= 1 or torch.rand(()).item() < jac.freq)
+
+    def read_out(self, z: torch.Tensor) -> SO3_Embedding:
         node = SO3_Embedding(0, self.lmax_list, self.sphere_channels, self.device, self.dtype)
-        node.set_embedding(self.norm(z_star))
-        return {"node_embedding": node, "graph": graph, **stats}
+        node.set_embedding(self.norm(z))
+        return node
 
+    def forward(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
+        reset_norm(self.blocks)
+        reset_dropout(self)
+        x, graph = self.encode(data)
+        z_star, states, stats = self.solve(x, graph, data, z0=z0, solver=solver)
+        return {
+            "node_embedding": self.read_out(z_star),
+            "graph": graph,
+            "fixed_point": z_star,
+            "correction_embeddings": [self.read_out(s) for s in states],
+            **stats,
+        }
+
+
+def _spread(solver: SolverSettings, n_states: int) -> list[int] | None:
+    """Solver steps at which to keep states for fixed-point correction (last = final)."""
+    if n_states <= 1:
+        return None
+    step = max(int(solver.max_iter) // n_states, 1)
+    return [step * (k + 1) for k in range(n_states - 1)] + [int(solver.max_iter) + 1]
 
 SOLVER_STAT_KEYS = ("deq_nstep", "deq_residual", "deq_converged")
+FORCE_MODES = ("direct", "conservative")
 
 
 @registry.register_model("deq_equiformer_v2")
 class DEQEquiformerV2(HydraModel):
-    """Complete DEQ model (energy + direct forces), configured like ``equiformer_v2``.
+    """Complete DEQ model (energy + forces), configured like ``equiformer_v2``.
 
     A :class:`HydraModel` with our backbone and fairchem's EquiformerV2 scalar / vector
-    heads, so checkpoints work with fairchem's hydra fine-tuning. Outputs ``energy`` [B],
-    ``forces`` [N, 3] and the per-graph solver statistics ``deq_nstep``, ``deq_residual``,
-    ``deq_converged`` [B].
+    heads, so checkpoints work with fairchem's hydra fine-tuning. ``force_mode``:
+    ``direct`` (the l=1 head) or ``conservative`` (-dE/dpos through the fixed point by
+    implicit differentiation). The force head exists in both modes, so a direct-force
+    checkpoint fine-tunes with ``model.force_mode=conservative`` and back.
+
+    Outputs ``energy`` [B], ``forces`` [N, 3], the per-graph solver statistics
+    ``deq_nstep``, ``deq_residual``, ``deq_converged`` [B] and, in training, the DEQ loss
+    terms ``deq_correction`` (predictions on earlier solver states) and ``deq_jac_loss``.
     """
 
-    def __init__(self, energy_reduce: str = "sum", **backbone_kwargs):
+    def __init__(self, energy_reduce: str = "sum", force_mode: str = "direct", **backbone_kwargs):
+        if force_mode not in FORCE_MODES:
+            raise DEQConfigError(f"model.force_mode='{force_mode}' must be one of {FORCE_MODES}")
         heads = {"energy": {"module": "equiformerV2_scalar_head", "reduce": energy_reduce}}
-        if backbone_kwargs.get("regress_forces", True):
+        self.regress_forces = backbone_kwargs.get("regress_forces", True)
+        if self.regress_forces:
             heads["forces"] = {"module": "equiformerV2_vector_head"}
         super().__init__(
             backbone={"model": "deq_equiformer_v2_backbone", **backbone_kwargs},
@@ -184,11 +269,31 @@ class DEQEquiformerV2(HydraModel):
             otf_graph=backbone_kwargs.get("otf_graph", True),
             pass_through_head_outputs=True,
         )
+        self.force_mode = force_mode
 
-    def forward(self, data):
-        emb = self.backbone(data)
-        out = {}
-        for head in self.output_heads.values():
-            out.update(head(data, emb))
+    def predict(self, data, emb) -> dict:
+        """Energy and (direct) forces from one backbone embedding."""
+        out = dict(self.output_heads["energy"](data, emb))
+        if self.regress_forces and self.force_mode == "direct":
+            out.update(self.output_heads["forces"](data, emb))
+        return out
+
+    def forward(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
+        conservative = self.regress_forces and self.force_mode == "conservative"
+        with torch.enable_grad() if conservative else contextlib.nullcontext():
+            if conservative:
+                data.pos.requires_grad_(True)
+            emb = self.backbone(data, z0=z0, solver=solver)
+            out = self.predict(data, emb)
+            if conservative:
+                create_graph = self.training
+                out["forces"] = -torch.autograd.grad(out["energy"].sum(), data.pos, create_graph=create_graph)[0]
+                if not create_graph:
+                    out = {key: value.detach() for key, value in out.items()}
         out.update({key: emb[key] for key in SOLVER_STAT_KEYS})
+        out["fixed_point"] = emb["fixed_point"].detach()
+        if self.training:
+            out["deq_correction"] = [self.predict(data, {**emb, "node_embedding": e}) for e in emb["correction_embeddings"]]
+            if "deq_jac_loss" in emb:
+                out["deq_jac_loss"] = emb["deq_jac_loss"]
         return out

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
 from ocp_deq.models.deq_equiformer_v2 import SOLVER_STAT_KEYS
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/inf in a fixed point, prediction or loss during training."""
 
 
 class MissingLabelError(KeyError):
@@ -51,12 +59,16 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
 
     def load_model(self) -> None:
         super().load_model()
-        self._solver_stats = None
-        self._unwrapped_model.register_forward_hook(self._capture_solver_stats)
+        self._model_out, self._nonfinite = None, None
+        self._unwrapped_model.register_forward_hook(self._capture_model_output)
 
-    def _capture_solver_stats(self, module, inputs, output):
-        if isinstance(output, dict) and all(key in output for key in SOLVER_STAT_KEYS):
-            self._solver_stats = {key: output[key].detach() for key in SOLVER_STAT_KEYS}
+    def _capture_model_output(self, module, inputs, output):
+        self._model_out = output if isinstance(output, dict) else None
+
+    @property
+    def deq_settings(self):
+        """The model's ``model.deq`` settings, or None for a non-DEQ model."""
+        return getattr(getattr(self._unwrapped_model, "backbone", None), "deq_settings", None)
 
     def get_dataloader(self, dataset, sampler, workers=None):
         labelled = {
@@ -75,15 +87,82 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
                 self.collater = collater
         return super().get_dataloader(dataset, sampler, workers)
 
+    def _forward(self, batch):
+        out = super()._forward(batch)
+        self._nonfinite = self._find_nonfinite(out, batch)
+        return out
+
+    def _find_nonfinite(self, out, batch) -> str | None:
+        """Which outputs are NaN/inf, and for which systems (sid)."""
+        bad = torch.zeros(batch.natoms.numel(), dtype=torch.bool, device=batch.natoms.device)
+        what = []
+        model_out = self._model_out or {}
+        for key, value in [*out.items(), ("fixed point residual", model_out.get("deq_residual"))]:
+            if value is None:
+                continue
+            finite = torch.isfinite(value.detach()).reshape(value.shape[0], -1).all(dim=1)
+            if finite.all():
+                continue
+            what.append(key)
+            graphs = batch.batch[~finite] if value.shape[0] == batch.batch.numel() else torch.nonzero(~finite).flatten()
+            bad[graphs] = True
+        if not what:
+            return None
+        sids = batch.sid[bad].tolist() if hasattr(batch, "sid") and torch.is_tensor(batch.sid) else "?"
+        return f"non-finite {', '.join(what)} at step {self.step} (epoch {self.epoch:.3f}) for systems sid={sids}"
+
+    def _shape_like_targets(self, prediction: dict, batch) -> dict:
+        """Model-level predictions reshaped as fairchem's _forward shapes its outputs."""
+        shaped = {}
+        for key, target in self.output_targets.items():
+            rows = int(batch.natoms.sum()) if target["level"] == "atom" else batch.natoms.numel()
+            shaped[key] = prediction[key].view(rows, -1)
+        return shaped
+
+    def _compute_loss(self, out, batch):
+        loss = super()._compute_loss(out, batch)
+        settings, model_out = self.deq_settings, self._model_out or {}
+        if settings is not None and self._unwrapped_model.training:
+            states = model_out.get("deq_correction", [])
+            for k, state in enumerate(states):
+                weight = settings.correction.decay ** (len(states) - k)
+                loss = loss + weight * super()._compute_loss(self._shape_like_targets(state, batch), batch)
+            if "deq_jac_loss" in model_out:
+                loss = loss + settings.jacobian.weight * model_out["deq_jac_loss"]
+        if self._nonfinite is None and not torch.isfinite(loss.detach()):
+            self._nonfinite = f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.epoch:.3f}) for systems sid={batch.sid.tolist()}"
+        if self._nonfinite is not None and self._nonfinite_action() == "skip":
+            return torch.zeros((), device=loss.device, requires_grad=True)
+        return loss
+
+    def _nonfinite_action(self) -> str:
+        return self.deq_settings.on_nonfinite if self.deq_settings is not None else "stop"
+
+    def _backward(self, loss) -> None:
+        message, self._nonfinite = self._nonfinite, None
+        if message is None:
+            return super()._backward(loss)
+        if self._nonfinite_action() == "stop":
+            raise NonFiniteError(f"{message}; stopping (set model.deq.on_nonfinite=skip to skip such batches)")
+        logging.warning(f"{message}; batch skipped (model.deq.on_nonfinite=skip)")
+        self.skipped_batches = getattr(self, "skipped_batches", 0) + 1
+        self.optimizer.zero_grad()
+        return None
+
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
+        if self._nonfinite is not None:
+            if not self._unwrapped_model.training:
+                logging.warning(f"{self._nonfinite} (evaluation)")
+            else:
+                return metrics if metrics is not None else {}
         metrics = super()._compute_metrics(out, batch, evaluator, metrics)
-        stats, self._solver_stats = self._solver_stats, None
-        if stats is not None:
-            n = int(stats["deq_nstep"].numel())
+        model_out = self._model_out or {}
+        if all(key in model_out for key in SOLVER_STAT_KEYS):
+            n = int(model_out["deq_nstep"].numel())
             for key, values in (
-                ("deq_nstep", stats["deq_nstep"]),
-                ("deq_residual", stats["deq_residual"]),
-                ("deq_unconverged", (~stats["deq_converged"]).float()),
+                ("deq_nstep", model_out["deq_nstep"]),
+                ("deq_residual", model_out["deq_residual"]),
+                ("deq_unconverged", (~model_out["deq_converged"]).float()),
             ):
                 metrics = evaluator.update(key, {"total": float(values.float().sum()), "numel": n}, metrics)
         return metrics
