@@ -4,9 +4,9 @@ fairchem's ``--mode predict`` writes one ``ocp_predictions.npz`` per test split 
 "sid_fid", ``energy``, ``forces`` of the free atoms concatenated, ``chunk_idx`` = cumulative
 free-atom counts with the last one dropped); ``--mode run-relaxations`` writes
 ``relaxed_positions.npz`` (``ids``, ``pos`` of all atoms, ``chunk_idx``). EvalAI wants one
-npz holding ``{split}_{key}`` for the four test splits. The server splits forces with
-``np.split(forces, chunk_idx)`` and pairs the pieces with ``ids`` by position, so a length
-mismatch is silently misread rather than rejected: we check everything before writing.
+npz holding ``{split}_{key}`` for the four test splits. Per-system forces are recovered
+by position (``np.split(forces, chunk_idx)`` paired with ``ids``), so an inconsistent file
+can be misread instead of rejected: we check everything before writing.
 
 The EvalAI server no longer scores OC20, so :func:`evaluate_s2ef` computes the leaderboard
 metrics locally on labelled LMDB frames (same numbers as fairchem's ``Evaluator``).
@@ -113,7 +113,8 @@ def _check_group(arrays: dict, prefix: str, where: str, rows_field: str, floats)
             fail(field, f"dtype {value.dtype} not allowed (use {' or '.join(floats)})")
         if not np.isfinite(value).all():
             kind = "NaN" if np.isnan(value).any() else "inf"
-            hint = " (beyond float16's range of ±65504: use float32)" if value.dtype == np.float16 and kind == "inf" else ""
+            overflow = value.dtype == np.float16 and kind == "inf"
+            hint = " (beyond float16's range of ±65504: use float32)" if overflow else ""
             fail(field, f"contains {kind}{hint}")
     if "energy" in a and a["energy"].shape != (n,):
         fail("energy", f"must be flat with one value per id ({n}), got shape {a['energy'].shape}")
@@ -125,7 +126,8 @@ def _check_group(arrays: dict, prefix: str, where: str, rows_field: str, floats)
     if chunk.dtype.kind not in "iu":
         fail("chunk_idx", f"must be integers, got dtype {chunk.dtype}")
     if chunk.shape != (n - 1,):
-        fail("chunk_idx", f"must have len(ids) - 1 = {n - 1} entries (last cumulative count dropped), got shape {chunk.shape}")
+        fail("chunk_idx", f"must have len(ids) - 1 = {n - 1} entries (last cumulative count dropped), "
+                          f"got shape {chunk.shape}")
     if n > 1:
         if chunk[0] < 0 or (np.diff(chunk) < 0).any():
             fail("chunk_idx", "must be non-negative and non-decreasing (cumulative atom counts)")
@@ -163,7 +165,8 @@ def _read_split_files(split_files: Mapping, fields) -> dict[str, dict[str, np.nd
     names = set(split_files)
     if names != set(SPLITS):
         raise SubmissionError(
-            f"need exactly the splits {', '.join(SPLITS)}; missing {sorted(set(SPLITS) - names)}, unknown {sorted(names - set(SPLITS))}"
+            f"need exactly the splits {', '.join(SPLITS)}; "
+            f"missing {sorted(set(SPLITS) - names)}, unknown {sorted(names - set(SPLITS))}"
         )
     resolved = {split: Path(split_files[split]).resolve() for split in SPLITS}
     if len(set(resolved.values())) < len(SPLITS):
@@ -176,6 +179,30 @@ def _read_split_files(split_files: Mapping, fields) -> dict[str, dict[str, np.nd
             raise SubmissionError(f"split '{split}', file {resolved[split]}: missing key(s) {', '.join(missing)}")
         per_split[split] = {f: arrays[f] for f in fields}
     return per_split
+
+
+def find_split_files(results_dir, filename: str = "ocp_predictions.npz") -> dict[str, Path]:
+    """The four per-split result files under fairchem's ``<run-dir>/results`` folder.
+
+    Convention: each split is predicted with ``--identifier <split>``, so fairchem writes
+    ``results/<YYYY-mm-dd-HH-MM-SS>-<split>/<filename>``; a plain ``results/<split>/<filename>``
+    is accepted too. Exactly one candidate per split, else an error lists them.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise SubmissionError(f"results dir {root}: no such folder")
+    found = {}
+    for split in SPLITS:
+        pattern = re.compile(r"(\d{4}(-\d{2}){5}-)?" + re.escape(split))
+        candidates = sorted(p / filename for p in root.iterdir()
+                            if pattern.fullmatch(p.name) and (p / filename).is_file())
+        if len(candidates) != 1:
+            listed = ", ".join(map(str, candidates)) or "none"
+            raise SubmissionError(
+                f"split '{split}': need exactly one {root}/[<timestamp>-]{split}/{filename}, found {listed}"
+            )
+        found[split] = candidates[0]
+    return found
 
 
 def _write_atomic(out_path, arrays: dict, validate) -> Path:
@@ -304,32 +331,11 @@ def evaluate_s2ef(predictions_npz, lmdb_path) -> dict:
         target = np.asarray(frame.forces, np.float64).reshape(-1, 3)[free]
         if bounds[i + 1] - bounds[i] != len(target):
             raise SubmissionError(
-                f"id '{key}': {bounds[i + 1] - bounds[i]} predicted force rows, but the frame has {len(target)} free atoms"
+                f"id '{key}': {bounds[i + 1] - bounds[i]} predicted force rows, "
+                f"but the frame has {len(target)} free atoms"
             )
         energy_true.append(float(frame.energy))
         forces_true.append(target)
         counts.append(len(target))
     return s2ef_metrics(pred["energy"], energy_true, pred["forces"], np.concatenate(forces_true), counts)
 
-
-def find_split_files(results_dir, filename: str = "ocp_predictions.npz") -> dict[str, Path]:
-    """The four per-split result files under fairchem's ``<run-dir>/results`` folder.
-
-    Convention: each split is predicted with ``--identifier <split>``, so fairchem writes
-    ``results/<YYYY-mm-dd-HH-MM-SS>-<split>/<filename>``; a plain ``results/<split>/<filename>``
-    is accepted too. Exactly one candidate per split, else an error lists them.
-    """
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise SubmissionError(f"results dir {root}: no such folder")
-    found = {}
-    for split in SPLITS:
-        pattern = re.compile(r"(\d{4}(-\d{2}){5}-)?" + re.escape(split))
-        candidates = sorted(p / filename for p in root.iterdir() if pattern.fullmatch(p.name) and (p / filename).is_file())
-        if len(candidates) != 1:
-            listed = ", ".join(map(str, candidates)) or "none"
-            raise SubmissionError(
-                f"split '{split}': need exactly one {root}/[<timestamp>-]{split}/{filename}, found {listed}"
-            )
-        found[split] = candidates[0]
-    return found

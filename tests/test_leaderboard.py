@@ -442,6 +442,8 @@ def test_scripts_argument_errors(s2ef_files, labelled, tmp_path, capsys):
     pred_path, lmdb, _ = labelled
     assert evaluate(["--predictions", str(pred_path)]) == 2
     assert "give them in pairs" in capsys.readouterr().err
-    assert evaluate(["--predictions", str(pred_path), "--lmdb", str(lmdb), "--split", "x", str(pred_path), str(lmdb)]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["x", "data", "mean"]
+    both = ["--predictions", str(pred_path), "--lmdb", str(lmdb), "--split", "x", str(pred_path), str(lmdb)]
+    assert evaluate(both) == 0
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["x", "data", "mean"]
+    assert rows[2][1:5] == rows[0][1:5] and rows[2][5] == "6"  # mean of two equal splits; systems summed

@@ -23,6 +23,7 @@ from torchdeq.utils.layer_utils import DEQWrapper
 
 from ocp_deq.deq import DEQSettings, PerGraphSolver, pack_graphs, unpack_graphs
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
+from ocp_deq.models.edge_frames import attach_position_gradient
 
 _STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
 
@@ -105,6 +106,8 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
         edge_rot_mat = self._init_edge_rot_mat(data, graph.edge_index, graph.edge_distance_vec)
         for rotation in self.SO3_rotation:
             rotation.set_wigner(edge_rot_mat)
+            if graph.edge_distance_vec.requires_grad:  # conservative forces: keep d/dpos
+                attach_position_gradient(rotation, graph.edge_distance_vec)
 
         x = SO3_Embedding(len(atomic_numbers), self.lmax_list, self.sphere_channels, self.device, self.dtype)
         offset_res, offset = 0, 0

@@ -1,0 +1,325 @@
+"""Molecular / MD trajectories -> OCP S2EF LMDBs (``OUT/{train,val,test}/data.lmdb``).
+
+Sources (``fmt``, or from the extension):
+
+* ``npz`` (``.npz``): sGDML layout as MD17 / MD22 ship it: ``R`` [F, n, 3] positions,
+  ``z`` [n] (or [F, n]) atomic numbers, ``E`` [F] or [F, 1] energies, ``F`` [F, n, 3] forces,
+  optional ``lattice`` [3, 3] (or [F, 3, 3]) making the frames periodic in all directions.
+  Key names are configurable (``keys={"positions": "coords", ...}`` for rMD17-style files).
+  Units: ``e_unit`` / ``r_unit`` entries of the file (sGDML writes them) unless given.
+* ``extxyz`` (``.xyz``, ``.extxyz``), ``traj`` (``.traj``): read with ``ase.io``;
+  ``db`` (``.db``): ``ase.db`` rows in id order. Energy / forces come from the frame's
+  calculator results, else ``atoms.info`` / ``atoms.arrays`` (db: key-value pairs / data)
+  under ``keys["energy"]`` / ``keys["forces"]``. Units default to eV and Angstrom.
+
+One input file is one trajectory: every frame gets the same ``sid`` and ``fid`` = its index
+in the file, so the order survives any split.
+
+Frame fields (the layout fairchem's ``LmdbDataset`` / OCP trainer read):
+``pos`` [n, 3] float32 (periodic frames wrapped into the cell, as fairchem's
+``AtomsToGraphs`` does), ``cell`` [1, 3, 3] float32 (zeros for molecules),
+``pbc`` [1, 3] bool (one row per frame, so a batch holds [B, 3] and fairchem's
+``radius_graph_pbc`` checks every frame; ``AtomsToGraphs`` writes [3]),
+``atomic_numbers`` [n] float32, ``natoms`` int, ``tags`` [n] long (0, OC20's "subsurface",
+for every atom of a molecule; ASE sources keep their tags), ``fixed`` [n] float32 (0 = free;
+ASE ``FixAtoms`` constraints set 1), ``energy`` float (eV, as given: no referencing),
+``forces`` [n, 3] float32 (eV/A), ``sid``, ``fid``.
+
+Every frame is checked before anything is written (shapes, lengths, finite values, atomic
+numbers); a problem raises :class:`ConversionError` naming the file, key and frame, and no
+LMDB is written. Each LMDB is written atomically (``write_lmdb``); if a later write fails,
+the LMDBs written by this call are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ase.db
+import ase.io
+import numpy as np
+import torch
+from ase import units
+from ase.constraints import FixAtoms
+from ase.geometry import wrap_positions
+from torch_geometric.data import Data
+
+from ocp_deq.data.lmdb_io import write_lmdb
+from ocp_deq.data.splits import split_indices
+
+FORMATS = ("npz", "extxyz", "traj", "db")
+EXTENSIONS = {".npz": "npz", ".xyz": "extxyz", ".extxyz": "extxyz", ".traj": "traj", ".db": "db"}
+NPZ_KEYS = {"positions": "R", "numbers": "z", "energy": "E", "forces": "F", "cell": "lattice"}
+ASE_KEYS = {"energy": "energy", "forces": "forces"}
+ENERGY_UNITS = {  # in eV
+    "ev": 1.0, "mev": 1e-3, "kcal/mol": units.kcal / units.mol, "kj/mol": units.kJ / units.mol,
+    "hartree": units.Hartree, "ha": units.Hartree, "ry": units.Rydberg, "rydberg": units.Rydberg,
+}
+LENGTH_UNITS = {"a": 1.0, "å": 1.0, "ang": 1.0, "angstrom": 1.0, "bohr": units.Bohr, "nm": 10.0}
+SPLITS = ("train", "val", "test")
+
+
+class ConversionError(ValueError):
+    """A malformed input: the message names the file, the key and the frame."""
+
+
+# --------------------------------------------------------------------------- units
+
+def _norm(name: str) -> str:
+    return "".join(str(name).split()).lower().replace("angstroms", "angstrom")
+
+
+def unit_factors(energy_unit: str = "eV", length_unit: str = "Ang", force_unit: str | None = None):
+    """Factors to eV, Angstrom and eV/Angstrom. ``force_unit`` ("<energy>/<length>") defaults
+    to ``energy_unit / length_unit``."""
+    def lookup(table, name, what):
+        if _norm(name) not in table:
+            raise ValueError(f"unknown {what} unit '{name}' (known: {', '.join(table)})")
+        return table[_norm(name)]
+
+    energy = lookup(ENERGY_UNITS, energy_unit, "energy")
+    length = lookup(LENGTH_UNITS, length_unit, "length")
+    if force_unit is None:
+        force = energy / length
+    else:
+        e_name, sep, l_name = _norm(force_unit).rpartition("/")
+        if not sep or e_name not in ENERGY_UNITS or l_name not in LENGTH_UNITS:
+            raise ValueError(f"force unit '{force_unit}' is not '<energy unit>/<length unit>', e.g. kcal/mol/Ang")
+        force = ENERGY_UNITS[e_name] / LENGTH_UNITS[l_name]
+    return energy, length, force
+
+
+# --------------------------------------------------------------------------- reading
+
+def detect_format(path: str | Path) -> str:
+    fmt = EXTENSIONS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ConversionError(f"{path}: cannot tell the format from the extension; give one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def read_frames(path: str | Path, fmt: str | None = None, keys: dict | None = None,
+                energy_unit: str | None = None, force_unit: str | None = None,
+                length_unit: str | None = None) -> tuple[list[dict], dict]:
+    """Checked frames in eV / Angstrom, and a description of what was read.
+
+    Each frame is a dict: ``numbers`` [n] int, ``positions`` [n, 3], ``energy`` float,
+    ``forces`` [n, 3], ``cell`` [3, 3], ``pbc`` [3] bool, ``tags`` [n], ``fixed`` [n].
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt not in FORMATS:
+        raise ConversionError(f"{path}: unknown format '{fmt}' (known: {', '.join(FORMATS)})")
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    unknown = set(keys or {}) - set(NPZ_KEYS if fmt == "npz" else ASE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key names {sorted(unknown)} for format {fmt}")
+    if fmt == "npz":
+        keys = {**NPZ_KEYS, **(keys or {})}
+        raw, file_units = _read_npz(path, keys)
+    else:
+        keys = {**ASE_KEYS, **(keys or {})}
+        raw, file_units = _read_ase(path, fmt, keys), {}
+    energy_unit = energy_unit or file_units.get("energy", "eV")
+    length_unit = length_unit or file_units.get("length", "Ang")
+    try:
+        e_factor, l_factor, f_factor = unit_factors(energy_unit, length_unit, force_unit)
+    except ValueError as err:
+        raise ConversionError(f"{path}: {err}") from None
+    frames = [_checked_frame(path, fid, frame, keys, e_factor, l_factor, f_factor) for fid, frame in enumerate(raw)]
+    if not frames:
+        raise ConversionError(f"{path}: no frames")
+    info = {
+        "source": str(path), "format": fmt, "keys": keys, "frames": len(frames),
+        "units": {"energy": energy_unit, "length": length_unit,
+                  "forces": force_unit or f"{energy_unit}/{length_unit}"},
+        "factors_to_eV_A": {"energy": e_factor, "length": l_factor, "forces": f_factor},
+    }
+    return frames, info
+
+
+def _read_npz(path: Path, keys: dict) -> tuple[list[dict], dict]:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001  (any unreadable file)
+        raise ConversionError(f"{path}: cannot read as npz: {err}") from None
+    with npz:
+        def get(name, required=True):
+            key = keys[name]
+            if key not in npz.files:
+                if not required:
+                    return None
+                raise ConversionError(f"{path}: missing key '{key}' ({name}); keys in the file: {', '.join(npz.files)}")
+            return npz[key]
+
+        pos, numbers, energy, forces = get("positions"), get("numbers"), get("energy"), get("forces")
+        cell = get("cell", required=False)
+        file_units = {name: str(npz[key]) for name, key in (("energy", "e_unit"), ("length", "r_unit")) if key in npz.files}
+
+    def expect(array, name, shape):
+        """``shape`` entries: int, or None = any size."""
+        if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ConversionError(f"{path}: key '{keys[name]}' ({name}) has shape {list(array.shape)}, expected {want}")
+
+    expect(pos, "positions", (None, None, 3))
+    n_frames, n_atoms = pos.shape[:2]
+    if energy.ndim == 2:
+        expect(energy, "energy", (n_frames, 1))
+        energy = energy[:, 0]
+    expect(energy, "energy", (n_frames,))
+    expect(forces, "forces", (n_frames, n_atoms, 3))
+    if numbers.ndim == 1:
+        expect(numbers, "numbers", (n_atoms,))
+        numbers = np.broadcast_to(numbers, (n_frames, n_atoms))
+    expect(numbers, "numbers", (n_frames, n_atoms))
+    periodic = cell is not None
+    if periodic:
+        if cell.ndim == 2:
+            expect(cell, "cell", (3, 3))
+            cell = np.broadcast_to(cell, (n_frames, 3, 3))
+        expect(cell, "cell", (n_frames, 3, 3))
+    frames = [
+        {"numbers": numbers[i], "positions": pos[i], "energy": energy[i], "forces": forces[i],
+         "cell": cell[i] if periodic else np.zeros((3, 3)), "pbc": np.full(3, periodic)}
+        for i in range(n_frames)
+    ]
+    return frames, file_units
+
+
+def _read_ase(path: Path, fmt: str, keys: dict) -> list[dict]:
+    try:
+        if fmt == "db":
+            with ase.db.connect(str(path), type="db") as db:
+                rows = list(db.select(sort="id"))
+            items = []
+            for row in rows:
+                atoms = row.toatoms()
+                atoms.info.update(row.key_value_pairs)
+                atoms.info.update(row.data)
+                items.append(atoms)
+        else:
+            items = ase.io.read(str(path), index=":", format=fmt)
+    except Exception as err:  # noqa: BLE001  (any unreadable file)
+        raise ConversionError(f"{path}: cannot read as {fmt}: {err}") from None
+
+    def label(atoms, key):
+        results = atoms.calc.results if atoms.calc is not None else {}
+        for source in (results, atoms.info, atoms.arrays):
+            if key in source:
+                return source[key]
+        return None
+
+    frames = []
+    for atoms in items:
+        fixed = np.zeros(len(atoms))
+        for constraint in atoms.constraints:
+            if isinstance(constraint, FixAtoms):
+                fixed[constraint.index] = 1.0
+        frames.append({
+            "numbers": atoms.numbers, "positions": atoms.positions,
+            "energy": label(atoms, keys["energy"]), "forces": label(atoms, keys["forces"]),
+            "cell": atoms.cell.array, "pbc": atoms.pbc, "tags": atoms.get_tags(), "fixed": fixed,
+        })
+    return frames
+
+
+def _checked_frame(path, fid, frame, keys, e_factor, l_factor, f_factor) -> dict:
+    def fail(name, problem):
+        key = keys.get(name, name)
+        raise ConversionError(f"{path}: key '{key}' ({name}), frame {fid}: {problem}")
+
+    def array(name, value, shape, dtype=np.float64):
+        if value is None:
+            fail(name, "missing")
+        try:
+            value = np.asarray(value, dtype=dtype)
+        except (TypeError, ValueError) as err:
+            fail(name, f"not numeric ({err})")
+        if value.shape != shape:
+            fail(name, f"shape {list(value.shape)}, expected {list(shape)}")
+        if not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value))[0].tolist()
+            fail(name, f"non-finite value {value[tuple(bad)]} at index {bad}")
+        return value
+
+    numbers = np.asarray(frame["numbers"])
+    n = len(numbers)
+    if n == 0:
+        fail("numbers", "no atoms")
+    numbers = array("numbers", numbers, (n,))
+    if (numbers != np.round(numbers)).any() or numbers.min() < 1 or numbers.max() > 118:
+        fail("numbers", f"atomic numbers must be integers in 1..118 (got {numbers.tolist()})")
+    positions = array("positions", frame["positions"], (n, 3)) * l_factor
+    energy = float(array("energy", frame["energy"], ())) * e_factor
+    forces = array("forces", frame["forces"], (n, 3)) * f_factor
+    cell = array("cell", frame["cell"], (3, 3)) * l_factor
+    pbc = np.asarray(frame["pbc"], dtype=bool).reshape(3)
+    if pbc.any():
+        if (np.linalg.norm(cell[pbc], axis=1) == 0).any():
+            fail("cell", f"periodic direction(s) {np.flatnonzero(pbc).tolist()} without a cell vector")
+        positions = wrap_positions(positions, cell, pbc=pbc, eps=0)
+    return {
+        "numbers": numbers.astype(np.int64), "positions": positions, "energy": energy, "forces": forces,
+        "cell": cell, "pbc": pbc,
+        "tags": np.asarray(frame.get("tags", np.zeros(n)), dtype=np.int64),
+        "fixed": np.asarray(frame.get("fixed", np.zeros(n)), dtype=np.float32),
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+def frame_to_data(frame: dict, sid, fid: int) -> Data:
+    """One checked frame as the ``Data`` object stored in the LMDB (fields in the module doc)."""
+    n = len(frame["numbers"])
+    return Data(
+        pos=torch.tensor(frame["positions"], dtype=torch.float32),
+        cell=torch.tensor(frame["cell"], dtype=torch.float32).view(1, 3, 3),
+        pbc=torch.tensor(frame["pbc"], dtype=torch.bool).view(1, 3),
+        atomic_numbers=torch.tensor(frame["numbers"], dtype=torch.float32),
+        natoms=n,
+        tags=torch.tensor(frame["tags"], dtype=torch.long),
+        fixed=torch.tensor(frame["fixed"], dtype=torch.float32),
+        energy=float(frame["energy"]),
+        forces=torch.tensor(frame["forces"], dtype=torch.float32),
+        sid=sid,
+        fid=int(fid),
+    )
+
+
+def convert_trajectory(path: str | Path, out_dir: str | Path, fmt: str | None = None,
+                       split: str = "random", n_train: int = 950, n_val: int = 50,
+                       n_test: int | None = None, seed: int = 0, sid: int | str = 0,
+                       keys: dict | None = None, energy_unit: str | None = None,
+                       force_unit: str | None = None, length_unit: str | None = None,
+                       overwrite: bool = False) -> dict:
+    """Read, check and split one trajectory; write ``out_dir/{train,val,test}/data.lmdb``
+    (empty splits are not written) and ``out_dir/conversion.json`` (settings and the frame
+    ids of each split). Returns that record."""
+    out_dir = Path(out_dir)
+    targets = {name: out_dir / name / "data.lmdb" for name in SPLITS}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} exist(s); pass overwrite=True (--overwrite) to replace")
+    frames, info = read_frames(path, fmt, keys, energy_unit, force_unit, length_unit)
+    indices = split_indices(len(frames), split, n_train, n_val, n_test, seed)
+    record = {**info, "sid": sid, "split": {"mode": split, "seed": seed, "n_train": n_train,
+                                             "n_val": n_val, "n_test": n_test}, "written": {}}
+    written = []
+    try:
+        for name in SPLITS:
+            fids = indices[name].tolist()
+            if targets[name].exists():  # only with overwrite: never leave a stale split behind
+                targets[name].unlink()
+            if fids:
+                write_lmdb(targets[name], (frame_to_data(frames[i], sid, i) for i in fids))
+                written.append(targets[name])
+            record["written"][name] = {"path": str(targets[name]) if fids else None, "frames": len(fids), "fids": fids}
+        (out_dir / "conversion.json").write_text(json.dumps(record, indent=1))
+    except BaseException:
+        for target in written:
+            target.unlink(missing_ok=True)
+        raise
+    return record
