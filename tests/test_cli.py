@@ -110,3 +110,25 @@ def test_frame_without_forces_is_a_clear_error(toy_root, tmp_path):
     assert proc.returncode != 0
     expected = f"dataset.train ({tmp_path / 'broken' / 'train'}): frame sid={frames[5].sid} fid={frames[5].fid} has no ['forces']"
     assert expected in proc.stderr
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips_with_the_system_ids(toy_root, tmp_path, action):
+    frames = read_lmdb(toy_root / "train")[:8]
+    frames[2].energy = float("nan")
+    write_lmdb(tmp_path / "nan" / "train" / "data.lmdb", frames)
+    config = make_config(tmp_path, toy_root, model={"deq": {"on_nonfinite": action}})
+    data = yaml.safe_load(config.read_text())
+    data["dataset"]["train"]["src"] = str(tmp_path / "nan" / "train")
+    data["optim"]["batch_size"] = 8
+    config.write_text(yaml.safe_dump(data))
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "run", cwd=tmp_path,
+                   check=False)
+    log = proc.stdout + proc.stderr
+    assert f"non-finite loss (nan) at step 1" in log
+    assert f"sid={[f.sid for f in frames]}" in log
+    if action == "stop":
+        assert proc.returncode != 0 and "NonFiniteError" in log
+    else:
+        assert proc.returncode == 0, log[-3000:]
+        assert "batch skipped (model.deq.on_nonfinite=skip)" in log
