@@ -8,7 +8,6 @@ name (e.g. ``deq_equiformer_v2_toy.yml``) resolves to the file of that name unde
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 

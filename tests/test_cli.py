@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -125,7 +123,7 @@ def test_nonfinite_loss_stops_or_skips_with_the_system_ids(toy_root, tmp_path, a
     proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "run", cwd=tmp_path,
                    check=False)
     log = proc.stdout + proc.stderr
-    assert f"non-finite loss (nan) at step 1" in log
+    assert "non-finite loss (nan) at step 1" in log
     assert f"sid={[f.sid for f in frames]}" in log
     if action == "stop":
         assert proc.returncode != 0 and "NonFiniteError" in log

@@ -211,7 +211,7 @@ def test_split_modes_give_the_documented_index_sets():
 
 @pytest.mark.parametrize("mode", ["ordered", "overlapping"])
 def test_converter_writes_the_split_index_sets(sources, tmp_path, mode):
-    record = convert_trajectory(sources["traj"], tmp_path, split=mode, n_train=20, n_val=5, n_test=10, seed=2)
+    convert_trajectory(sources["traj"], tmp_path, split=mode, n_train=20, n_val=5, n_test=10, seed=2)
     expected = split_indices(N_FRAMES, mode, 20, 5, 10, seed=2)
     for split in ("train", "val", "test"):
         assert [d.fid for d in read_lmdb(tmp_path / split / "data.lmdb")] == expected[split].tolist()

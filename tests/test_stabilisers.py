@@ -1,5 +1,6 @@
 """DEQ stabilisers do what they claim (on the small float64 molecule of test_gradients)."""
 
+import pytest
 import torch
 
 from test_gradients import build, float64, molecule_batch  # noqa: F401  (fixture)
@@ -96,8 +97,9 @@ def test_jacobian_regulariser_is_a_trainable_penalty():
     assert sum(values[-3:]) / 3 < 0.7 * values[0], values
 
 
-def test_fixed_point_correction_predicts_on_earlier_states():
-    model = build("phantom", solver={"solver": "fixed_point_iter", "tol": 1e-8, "max_iter": 30},
+@pytest.mark.parametrize("gradient", ["phantom", "ift"])
+def test_fixed_point_correction_predicts_on_earlier_states(gradient):
+    model = build(gradient, solver={"solver": "fixed_point_iter", "tol": 1e-8, "max_iter": 30},
                   correction={"n_states": 3, "decay": 0.8}).train()
     torch.manual_seed(5)
     out = model(molecule_batch())

@@ -194,10 +194,11 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
                         grad_type="ift", b_solver=PerGraphSolver(backward.solver), b_solver_kwargs=_solver_kwargs(backward)
                     )
                     z = attach(None, wrapped, z.detach())[-1]
-                else:
-                    phantom = backward_factory(grad_type=int(settings.grad_steps), tau=float(settings.grad_tau))
+                phantom = backward_factory(grad_type=int(settings.grad_steps), tau=float(settings.grad_tau))
+                if mode == "phantom":
                     z = phantom(None, wrapped, z.detach())[-1]
-                    states = [phantom(None, wrapped, s.detach())[-1] for s in trajectory[:-1]]
+                # correction states always use phantom steps (their own fixed points do not exist)
+                states = [phantom(None, wrapped, s.detach())[-1] for s in trajectory[:-1]]
         z_star = unpack_graphs(z, batch, natoms, feat_shape)
         states = [unpack_graphs(s, batch, natoms, feat_shape) for s in states]
         stats = {
