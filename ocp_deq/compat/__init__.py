@@ -1,8 +1,8 @@
 """Pure-torch stand-ins for compiled packages fairchem 1.x imports at start-up.
 
 fairchem-core 1.10 imports ``torch_scatter`` (and, through its CLI's model discovery,
-``torch_sparse``) at import time. Both ship only as sources on PyPI (a ~10 min compile)
-and are absent on CPU-only machines. :func:`install` appends an import finder to the *end*
+``torch_sparse``) at import time; both ship only as sources on PyPI (a ~10 min compile).
+PyG 2.8's ``radius_graph`` (non-periodic graphs) needs ``pyg_lib``, not on PyPI. :func:`install` appends an import finder to the *end*
 of ``sys.meta_path``: a real installed package is always found first; the stand-ins in
 ``standins/`` are used only when it is missing.
 """
