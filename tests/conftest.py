@@ -30,6 +30,21 @@ def toy_root(tmp_path_factory) -> Path:
     return generate_toy_data(tmp_path_factory.mktemp("toy_s2ef"), SMALL_SPEC)
 
 
+TRAINED_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def trained_deq(toy_root, tmp_path_factory):
+    """A tiny DEQ trained through the CLI on the small toy data: (work dir, config, process, checkpoint)."""
+    work = tmp_path_factory.mktemp("trained_deq")
+    config = make_config(work, toy_root, optim={"max_epochs": TRAINED_EPOCHS, "lr_initial": 0.004})
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", work / "run",
+                   "--identifier", "t", "--print-every", "1", cwd=work)
+    checkpoints = list((work / "run" / "checkpoints").glob("*/checkpoint.pt"))
+    assert len(checkpoints) == 1, checkpoints
+    return work, config, proc, checkpoints[0]
+
+
 def make_config(directory: Path, data_root: Path, config_name: str = "deq_equiformer_v2_toy.yml",
                 model: dict | None = None, optim: dict | None = None) -> Path:
     """A toy config (includes merged) pointed at ``data_root``, with a tiny model."""

@@ -8,21 +8,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_config, run_cli
+from conftest import TRAINED_EPOCHS as EPOCHS, make_config, run_cli
 from ocp_deq.cli import ConfigError, resolve_config
 from ocp_deq.data import read_lmdb, write_lmdb
 
-EPOCHS = 4
-
 
 @pytest.fixture(scope="module")
-def trained(toy_root, tmp_path_factory):
-    work = tmp_path_factory.mktemp("cli")
-    config = make_config(work, toy_root, optim={"max_epochs": EPOCHS, "lr_initial": 0.004})
-    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", work / "run",
-                   "--identifier", "t", "--print-every", "1", cwd=work)
-    checkpoints = list((work / "run" / "checkpoints").glob("*/checkpoint.pt"))
-    return work, config, proc, checkpoints
+def trained(trained_deq):
+    work, config, proc, checkpoint = trained_deq
+    return work, config, proc, [checkpoint]
 
 
 def test_train_writes_checkpoint_and_logs_solver_statistics(trained):

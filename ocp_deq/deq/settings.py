@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 GRADIENTS = ("phantom", "ift", "bptt")
@@ -17,6 +17,12 @@ class DEQConfigError(ValueError):
 
 def _build(cls, values: dict | None, where: str):
     values = dict(values or {})
+    for key, section in getattr(cls, "_SECTIONS", {}).items():
+        if key in values:
+            if not isinstance(values[key], dict):
+                raise DEQConfigError(f"{where}.{key} must be a mapping of options")
+            default = asdict(cls.__dataclass_fields__[key].default_factory())
+            values[key] = _build(section, {**default, **values[key]}, f"{where}.{key}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -78,6 +84,36 @@ class JacobianSettings:
             raise DEQConfigError(f"{where}: need weight >= 0, 0 <= freq <= 1, vectors >= 1")
 
 
+START_STRATEGIES = ("plain", "extrapolate")
+
+
+@dataclass
+class ReuseSettings:
+    """Warm starts from a system's previous fixed point (relaxations, MD, ordered evaluation).
+
+    ``solver`` serves warm starts: plain fixed-point iteration can stop after its first
+    evaluation when the start is already converged (Anderson needs three). Graphs it leaves
+    unconverged are finished by ``eval_solver`` when ``fallback`` is on. ``start``: the last
+    fixed point (``plain``) or the linear extrapolation of the last two (``extrapolate``).
+    """
+
+    enabled: bool = True
+    max_systems: int = 10000
+    start: str = "plain"
+    fallback: bool = True
+    solver: SolverSettings = field(
+        default_factory=lambda: SolverSettings(solver="fixed_point_iter", tol=1e-2, max_iter=10)
+    )
+
+    _SECTIONS = {"solver": SolverSettings}
+
+    def validate(self, where: str) -> None:
+        if self.start not in START_STRATEGIES:
+            raise DEQConfigError(f"{where}.start='{self.start}' must be one of {START_STRATEGIES}")
+        if int(self.max_systems) < 1:
+            raise DEQConfigError(f"{where}.max_systems must be >= 1, got {self.max_systems}")
+
+
 @dataclass
 class DEQSettings:
     """Everything DEQ-specific; lives under ``model: {deq: {...}}`` in the yml."""
@@ -99,6 +135,7 @@ class DEQSettings:
     )
     jacobian: JacobianSettings = field(default_factory=JacobianSettings)
     correction: CorrectionSettings = field(default_factory=CorrectionSettings)
+    reuse: ReuseSettings = field(default_factory=ReuseSettings)
 
     _SECTIONS = {
         "train_solver": SolverSettings,
@@ -106,16 +143,11 @@ class DEQSettings:
         "backward_solver": SolverSettings,
         "jacobian": JacobianSettings,
         "correction": CorrectionSettings,
+        "reuse": ReuseSettings,
     }
 
     @classmethod
     def from_config(cls, values: dict | None, where: str = "model.deq") -> "DEQSettings":
-        values = dict(values or {})
-        for key, section in cls._SECTIONS.items():
-            if key in values:
-                if not isinstance(values[key], dict):
-                    raise DEQConfigError(f"{where}.{key} must be a mapping of options")
-                values[key] = _build(section, values[key], f"{where}.{key}")
         return _build(cls, values, where)
 
     def validate(self, where: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch_geometric.data import Batch
 from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HydraModel
@@ -22,6 +23,7 @@ from torchdeq.norm import apply_norm, reset_norm
 from torchdeq.utils.layer_utils import DEQWrapper
 
 from ocp_deq.deq import DEQSettings, PerGraphSolver, pack_graphs, unpack_graphs
+from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
 from ocp_deq.models.edge_frames import attach_position_gradient
 
@@ -274,6 +276,7 @@ class DEQEquiformerV2(HydraModel):
             pass_through_head_outputs=True,
         )
         self.force_mode = force_mode
+        self.fixed_point_cache: FixedPointCache | None = None
 
     def predict(self, data, emb) -> dict:
         """Energy and (direct) forces from one backbone embedding."""
@@ -282,7 +285,65 @@ class DEQEquiformerV2(HydraModel):
             out.update(self.output_heads["forces"](data, emb))
         return out
 
-    def forward(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
+    @contextlib.contextmanager
+    def reusing(self, cache: FixedPointCache | None = None):
+        """Inside the context, evaluation forwards warm-start each system from its last fixed
+        point in ``cache`` (a new one per ``model.deq.reuse`` if None). Yields the cache, or
+        None when ``model.deq.reuse.enabled`` is false."""
+        settings = self.backbone.deq_settings.reuse
+        previous = self.fixed_point_cache
+        self.fixed_point_cache = (cache or FixedPointCache(settings)) if settings.enabled else None
+        try:
+            yield self.fixed_point_cache
+        finally:
+            self.fixed_point_cache = previous
+
+    def forward(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None, reuse: bool | None = None):
+        """``z0``/``solver``: explicit start and solver; ``reuse=False`` ignores an active cache."""
+        cache = self.fixed_point_cache
+        if reuse and cache is None:
+            raise RuntimeError("reuse=True needs an active fixed-point cache: use `with model.reusing(): ...`")
+        if cache is not None and reuse is not False and z0 is None and not self.training:
+            return self._forward_reusing(data, cache)
+        return self._solve_and_predict(data, z0, solver)
+
+    def _forward_reusing(self, data, cache: FixedPointCache) -> dict:
+        settings = self.backbone.deq_settings.reuse
+        keys = cache.keys_for(data)
+        numbers = torch.split(data.atomic_numbers.long(), data.natoms.tolist())
+        starts = [cache.start(key, n) for key, n in zip(keys, numbers)]
+        warm = torch.tensor([s is not None for s in starts], device=data.natoms.device)
+        if warm.all():
+            out = self._solve_and_predict(data, torch.cat(starts), settings.solver)
+        elif not warm.any():
+            out = self._solve_and_predict(data)
+        else:
+            warm_z0 = torch.cat([s for s in starts if s is not None])
+            out = _merge_graphs(data, [
+                (warm.nonzero().flatten(), self._on_graphs(data, warm.nonzero().flatten(), warm_z0, settings.solver)),
+                ((~warm).nonzero().flatten(), self._on_graphs(data, (~warm).nonzero().flatten())),
+            ])
+        retry = (warm & ~out["deq_converged"]).nonzero().flatten()
+        if settings.fallback and retry.numel():  # finish what the warm-start solver left
+            node_mask = torch.isin(data.batch, retry)
+            again = self._on_graphs(data, retry, out["fixed_point"][node_mask])
+            again["deq_nstep"] = again["deq_nstep"] + out["deq_nstep"][retry]
+            keep = (~torch.isin(torch.arange(len(keys), device=retry.device), retry)).nonzero().flatten()
+            out = _merge_graphs(data, [(retry, again), (keep, _select_graphs(data, out, keep))])
+        for key, n, z in zip(keys, numbers, torch.split(out["fixed_point"], data.natoms.tolist())):
+            cache.store(key, n, z)
+        cache.record({
+            "keys": keys,
+            "warm": warm.cpu(),
+            **{name: out[name].detach().cpu() for name in SOLVER_STAT_KEYS},
+        })
+        return out
+
+    def _on_graphs(self, data, graphs: torch.Tensor, z0=None, solver=None) -> dict:
+        """Solve and predict for a subset of the batch's graphs (its own sub-batch)."""
+        return self._solve_and_predict(_sub_batch(data, graphs), z0, solver)
+
+    def _solve_and_predict(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
         conservative = self.regress_forces and self.force_mode == "conservative"
         with torch.enable_grad() if conservative else contextlib.nullcontext():
             if conservative:
@@ -301,3 +362,37 @@ class DEQEquiformerV2(HydraModel):
             if "deq_jac_loss" in emb:
                 out["deq_jac_loss"] = emb["deq_jac_loss"]
         return out
+
+
+_NODE_KEYS = ("forces", "fixed_point")
+
+
+def _sub_batch(data: Batch, graphs: torch.Tensor) -> Batch:
+    """A new batch of some of ``data``'s graphs. fairchem's graph generation reshapes a
+    batch's ``pbc`` [3B] to [1, 3B] in place; undo that on a copy so PyG can slice it."""
+    source = data.clone()
+    if torch.is_tensor(getattr(source, "pbc", None)):
+        source.pbc = source.pbc.reshape(-1)
+    return Batch.from_data_list(source.index_select(graphs.tolist()))
+
+
+def _select_graphs(data, out: dict, graphs: torch.Tensor) -> dict:
+    """The outputs of ``graphs`` only (per-graph and per-node entries)."""
+    node_mask = torch.isin(data.batch, graphs)
+    return {key: value[node_mask] if key in _NODE_KEYS else value[graphs] for key, value in out.items()}
+
+
+def _merge_graphs(data, parts: list) -> dict:
+    """Outputs of sub-batches ``(graph indices, outputs)`` put back in the batch's order."""
+    merged = {}
+    for graphs, out in parts:
+        node_mask = torch.isin(data.batch, graphs)
+        for key, value in out.items():
+            if key in _NODE_KEYS:
+                rows, index = data.batch.numel(), node_mask.nonzero().flatten()
+            else:
+                rows, index = data.natoms.numel(), graphs
+            if key not in merged:
+                merged[key] = value.new_zeros((rows, *value.shape[1:]))
+            merged[key][index] = value
+    return merged

@@ -1,0 +1,63 @@
+"""ASE calculator for ocp_deq checkpoints that reuses the fixed point across calls.
+
+Successive calls of an optimiser or MD integrator see almost the same structure, so the
+previous fixed point is an excellent start: the warm-start solver (``model.deq.reuse``)
+often stops after one or two evaluations of f instead of a cold solve.
+"""
+
+from __future__ import annotations
+
+import ocp_deq  # noqa: F401  (registrations before fairchem builds the trainer)
+from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+
+from ocp_deq.deq.reuse import FixedPointCache
+
+
+class DEQCalculator(OCPCalculator):
+    """fairchem's ``OCPCalculator`` (same arguments: ``checkpoint_path``, ``config_yml``,
+    ``cpu``, ``seed``, ...) plus fixed-point reuse.
+
+    ``reuse``: warm-start every call from the previous fixed point of the same Atoms
+    (``system_id`` names it in the cache). A change of atom count or elements resets it.
+    After each call, ``last_nstep`` / ``last_residual`` / ``last_converged`` / ``last_warm``
+    describe the solve (function evaluations, relative residual, convergence, warm start).
+    """
+
+    def __init__(self, *args, reuse: bool = True, system_id: str = "atoms", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = self.trainer._unwrapped_model
+        if not hasattr(self.model, "reusing"):
+            raise TypeError(f"DEQCalculator needs a deq_equiformer_v2 checkpoint, got {type(self.model).__name__}")
+        self.cache = FixedPointCache(self.model.backbone.deq_settings.reuse) if reuse else None
+        self.system_id = system_id
+        self._identity = None
+        self.last_nstep = self.last_residual = self.last_converged = self.last_warm = None
+        self.model.register_forward_hook(self._record_solve)
+
+    def _record_solve(self, module, inputs, output) -> None:
+        self.last_nstep = output["deq_nstep"].tolist()
+        self.last_residual = output["deq_residual"].tolist()
+        self.last_converged = output["deq_converged"].tolist()
+        warm = self.cache.last["warm"].tolist() if self.cache is not None and self.cache.last else None
+        self.last_warm = warm or [False] * len(self.last_nstep)
+
+    def reset_fixed_point(self) -> None:
+        """Forget the stored fixed points: the next call starts cold."""
+        if self.cache is not None:
+            self.cache.clear()
+            self.cache.last = None
+
+    def calculate(self, atoms=None, properties=None, system_changes=None) -> None:
+        identity = (len(atoms), tuple(atoms.get_atomic_numbers())) if hasattr(atoms, "get_atomic_numbers") else None
+        if identity != self._identity:
+            self.reset_fixed_point()
+            self._identity = identity
+        if self.cache is None:
+            return super().calculate(atoms, properties, system_changes)
+        with self.model.reusing(self.cache) as cache:
+            if cache is None:  # model.deq.reuse.enabled is false
+                return super().calculate(atoms, properties, system_changes)
+            if identity is None:  # a Batch: its sids name the systems
+                return super().calculate(atoms, properties, system_changes)
+            with cache.keys([self.system_id]):
+                return super().calculate(atoms, properties, system_changes)

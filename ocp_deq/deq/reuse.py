@@ -1,0 +1,97 @@
+"""Per-system fixed-point cache: warm starts along relaxations, MD and ordered evaluation.
+
+A graph's fixed point depends only on that graph (per-graph solving), so a system's last
+fixed point is a valid start in any later batch. Entries are keyed by the system id and
+checked against the atomic numbers: a changed system (other count or elements) starts cold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ocp_deq.deq.settings import ReuseSettings
+
+
+@dataclass
+class _Entry:
+    numbers: torch.Tensor
+    states: list  # last two fixed points [natoms, ...], oldest first
+
+
+class FixedPointCache:
+    """Last fixed points of up to ``settings.max_systems`` systems (least recently used dropped).
+
+    ``keys`` (a context) overrides the ids read from ``data.sid``, e.g. for an ASE calculator.
+    ``last`` holds the solver statistics of the latest forward; ``history`` (when not None)
+    collects them for every forward.
+    """
+
+    def __init__(self, settings: ReuseSettings | None = None, keep_history: bool = False):
+        self.settings = settings or ReuseSettings()
+        self._entries: OrderedDict = OrderedDict()
+        self._keys: list | None = None
+        self.last: dict | None = None
+        self.history: list[dict] | None = [] if keep_history else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @contextlib.contextmanager
+    def keys(self, keys: list):
+        """Use ``keys`` as the system ids of the graphs of the forwards inside the context."""
+        previous, self._keys = self._keys, list(keys)
+        try:
+            yield self
+        finally:
+            self._keys = previous
+
+    def keys_for(self, data) -> list:
+        """System ids of the graphs in ``data`` (explicit keys, else ``data.sid``)."""
+        if self._keys is not None:
+            keys = self._keys
+        elif getattr(data, "sid", None) is not None:
+            keys = data.sid.tolist() if torch.is_tensor(data.sid) else list(data.sid)
+        else:
+            raise KeyError("fixed-point reuse needs a system id per graph: the batch has no 'sid' (pass keys)")
+        if len(keys) != data.natoms.numel():
+            raise ValueError(f"fixed-point reuse: {len(keys)} system ids for {data.natoms.numel()} graphs")
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"fixed-point reuse: a system id appears twice in one batch ({keys})")
+        return keys
+
+    def start(self, key, numbers: torch.Tensor) -> torch.Tensor | None:
+        """Warm start for system ``key`` with these atomic numbers, or None (cold start)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.numbers.shape != numbers.shape or not torch.equal(entry.numbers, numbers.to(entry.numbers.device)):
+            del self._entries[key]  # same id, different system: never start from a stranger
+            return None
+        self._entries.move_to_end(key)
+        if self.settings.start == "extrapolate" and len(entry.states) == 2:
+            previous, last = entry.states
+            return 2 * last - previous
+        return entry.states[-1]
+
+    def store(self, key, numbers: torch.Tensor, fixed_point: torch.Tensor) -> None:
+        entry = self._entries.get(key)
+        state = fixed_point.detach().clone()
+        if entry is None or not torch.equal(entry.numbers, numbers):
+            self._entries[key] = _Entry(numbers.detach().clone(), [state])
+        else:
+            entry.states = [*entry.states[-1:], state]
+        self._entries.move_to_end(key)
+        while len(self._entries) > int(self.settings.max_systems):
+            self._entries.popitem(last=False)
+
+    def record(self, stats: dict) -> None:
+        self.last = stats
+        if self.history is not None:
+            self.history.append(stats)

@@ -1,0 +1,57 @@
+"""Solver statistics of a relaxation or ordered-evaluation run: first visits vs later ones."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+PER_SYSTEM_LIMIT = 1000  # keep per-system nstep sequences in the report up to this many systems
+
+
+def summarise_solver_log(log: list[dict], wall_time: float) -> dict:
+    """``log``: one entry per model call with ``sid``, ``nstep``, ``converged`` lists.
+
+    A system's first call starts cold; later calls can reuse its fixed point.
+    """
+    seen, first, later, unconverged = {}, [], [], 0
+    for call in log:
+        for sid, nstep, converged in zip(call["sid"], call["nstep"], call["converged"]):
+            (later if sid in seen else first).append(nstep)
+            seen.setdefault(sid, []).append(nstep)
+            unconverged += not converged
+    graphs = len(first) + len(later)
+    report = {
+        "model_calls": len(log),
+        "systems": len(seen),
+        "graph_evaluations": graphs,
+        "mean_nstep": float(np.mean(first + later)),
+        "mean_nstep_first_call": float(np.mean(first)),
+        "mean_nstep_later_calls": float(np.mean(later)) if later else None,
+        "unconverged_fraction": unconverged / graphs,
+        "wall_time_s": wall_time,
+        "wall_time_per_call_s": wall_time / len(log),
+        "wall_time_per_system_s": wall_time / len(seen),
+    }
+    if len(seen) <= PER_SYSTEM_LIMIT:
+        report["nstep_per_system"] = {str(sid): steps for sid, steps in seen.items()}
+    return report
+
+
+def write_solver_report(results_dir: str | None, name: str, report: dict) -> Path | None:
+    later = report["mean_nstep_later_calls"]
+    logging.info(
+        f"solver statistics ({name}, reuse {'on' if report['reuse'] else 'off'}): {report['systems']} systems, "
+        f"{report['model_calls']} model calls, mean solver evaluations {report['mean_nstep']:.2f} "
+        f"(first call {report['mean_nstep_first_call']:.2f}, later calls "
+        f"{'-' if later is None else f'{later:.2f}'}), unconverged {report['unconverged_fraction']:.3f}, "
+        f"{report['wall_time_per_call_s']:.3f} s per call, {report['wall_time_per_system_s']:.3f} s per system"
+    )
+    if results_dir is None:
+        return None
+    path = Path(results_dir) / f"solver_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
