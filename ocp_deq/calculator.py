@@ -24,6 +24,7 @@ class DEQCalculator(OCPCalculator):
     """
 
     def __init__(self, *args, reuse: bool = True, system_id: str = "atoms", **kwargs):
+        kwargs.setdefault("trainer", "deq")  # fairchem stores its task name ("ocp") as the trainer
         super().__init__(*args, **kwargs)
         self.model = self.trainer._unwrapped_model
         if not hasattr(self.model, "reusing"):

@@ -3,18 +3,29 @@
 Every fairchem flag and dotted override works as in ``fairchem``; additionally a bare config
 name (e.g. ``deq_equiformer_v2_toy.yml``) resolves to the file of that name under
 ``configs/``, dataset paths are checked before any work starts, and configs with a
-``toy_data`` block generate the built-in toy data on first use.
+``toy_data`` block generate the built-in toy data on first use. ``--distributed``,
+``--submitit-cluster`` and the job side of ``--submit`` are in :mod:`ocp_deq.cluster`.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import ocp_deq  # noqa: F401  (stand-ins + registry entries before fairchem runs)
 from fairchem.core import _cli as fairchem_cli
-from fairchem.core.common.flags import flags
-from fairchem.core.common.utils import build_config
+from fairchem.core.common.flags import Flags
+from fairchem.core.common.utils import build_config, setup_logging
+
+from ocp_deq.cluster import (
+    Runner,
+    SubmititExecutor,
+    add_cluster_flags,
+    check_cluster_flags,
+    runner_wrapper,
+    warn_if_unresumable,
+)
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 DATASET_SPLITS = ("train", "val", "test", "relax")
@@ -47,11 +58,23 @@ def resolve_config(name: str | Path, root: Path = CONFIG_ROOT) -> Path:
 
 def prepare_data(config: dict) -> None:
     """Generate toy data when asked, then check every configured LMDB path exists."""
-    toy = config.get("toy_data")
+    toy = dict(config.get("toy_data") or {})
     if toy:
-        from ocp_deq.data.toy_s2ef import ToySpec, ensure_toy_data
+        kind, root = toy.pop("kind", "s2ef"), toy.pop("root")
+        if kind == "s2ef":
+            from ocp_deq.data.toy_s2ef import ToySpec, ensure_toy_data
 
-        ensure_toy_data(toy["root"], ToySpec(seed=toy.get("seed", 0)))
+            ensure_toy_data(root, ToySpec(seed=toy.get("seed", 0)))
+        elif kind == "molecule":
+            from ocp_deq.data.toy_molecules import MoleculeSpec, ensure_molecule_data
+
+            try:
+                spec = MoleculeSpec.from_config(toy)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            ensure_molecule_data(root, spec)
+        else:
+            raise ConfigError(f"toy_data.kind='{kind}' must be 's2ef' or 'molecule'")
     datasets = config.get("dataset", {})
     for split in DATASET_SPLITS:
         entry = datasets.get(split)
@@ -63,18 +86,12 @@ def prepare_data(config: dict) -> None:
                 raise ConfigError(f"dataset.{split}.src: folder '{src}' holds no *.lmdb file")
 
 
-class Runner(fairchem_cli.Runner):
-    """fairchem's submitit-checkpointable Runner, importable from ocp_deq (so spawned and
-    requeued processes import our registrations first)."""
-
-
-def runner_wrapper(config: dict) -> None:
-    Runner()(config)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = flags.get_parser()
+    parser = Flags().get_parser()
+    add_cluster_flags(parser)
     args, override_args = parser.parse_known_args(argv)
+    setup_logging()
+    check_cluster_flags(parser, args)
     try:
         args.config_yml = resolve_config(args.config_yml)
         prepare_data(build_config(args, list(override_args)))
@@ -83,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     # fairchem's main looks these names up at call time: use ours, importable by children.
     fairchem_cli.Runner = Runner
     fairchem_cli.runner_wrapper = runner_wrapper
+    fairchem_cli.AutoExecutor = functools.partial(SubmititExecutor, cluster=args.submitit_cluster, cpu=args.cpu)
+    warn_if_unresumable(args)
     fairchem_cli.main(args, override_args)
 
 

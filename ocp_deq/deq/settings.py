@@ -102,7 +102,7 @@ class ReuseSettings:
     start: str = "plain"
     fallback: bool = True
     solver: SolverSettings = field(
-        default_factory=lambda: SolverSettings(solver="fixed_point_iter", tol=1e-2, max_iter=10)
+        default_factory=lambda: SolverSettings(solver="fixed_point_iter", tol=1e-2, max_iter=2)
     )
 
     _SECTIONS = {"solver": SolverSettings}

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 import torch
+from torch.utils.data import DataLoader
 
+from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
+from ocp_deq.data.ordering import frame_ids, trajectory_batches
 from ocp_deq.models.deq_equiformer_v2 import SOLVER_STAT_KEYS
+from ocp_deq.trainers.checkpointing import ResumableCheckpoints
+from ocp_deq.trainers.distributed import all_reduce_step_metrics, log_solver_counts
+from ocp_deq.trainers.solver_report import summarise_solver_log, write_solver_report
 
 
 class NonFiniteError(FloatingPointError):
@@ -42,7 +50,7 @@ class LabelCheckingCollater:
 
 
 @registry.register_trainer("deq")
-class DEQTrainer(EquiformerV2ForcesTrainer):
+class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
     """``trainer: deq``: ``equiformerv2_forces`` (OCPTrainer + cosine schedule in epochs).
     Works with any fairchem model; for DEQ models it logs, per step
     and per validation, the mean solver iterations (``deq_nstep``), the mean final relative
@@ -59,11 +67,86 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
 
     def load_model(self) -> None:
         super().load_model()
-        self._model_out, self._nonfinite = None, None
+        self._model_out, self._nonfinite, self._nonfinite_on_any_rank = None, None, False
         self._unwrapped_model.register_forward_hook(self._capture_model_output)
 
     def _capture_model_output(self, module, inputs, output):
         self._model_out = output if isinstance(output, dict) else None
+        log = getattr(self, "_solver_log", None)
+        if log is not None and self._model_out is not None and "deq_nstep" in output:
+            sid = getattr(inputs[0], "sid", None)
+            sids = sid.tolist() if torch.is_tensor(sid) else list(sid) if sid is not None else [None] * len(output["deq_nstep"])
+            log.append({"sid": sids, "nstep": output["deq_nstep"].tolist(), "converged": output["deq_converged"].tolist()})
+
+    # -- fixed-point reuse: relaxations and trajectory-ordered evaluation ------------------
+    @contextlib.contextmanager
+    def solver_report(self, name: str, reuse: bool):
+        """Collect per-call solver statistics inside the context; log them and write
+        ``<results_dir>/solver_<name>.json`` (DEQ models only)."""
+        self._solver_log, start = [], time.perf_counter()
+        try:
+            yield
+        finally:
+            log, self._solver_log = self._solver_log, None
+            if log and distutils.is_master():
+                report = {"reuse": reuse, **summarise_solver_log(log, time.perf_counter() - start)}
+                write_solver_report(self.config["cmd"].get("results_dir"), name, report)
+
+    @contextlib.contextmanager
+    def fixed_point_reuse(self):
+        """DEQ models warm-start each system from its last fixed point inside the context
+        (``model.deq.reuse``; a no-op for other models)."""
+        reusing = getattr(self._unwrapped_model, "reusing", None)
+        if reusing is None:
+            yield None
+            return
+        with reusing() as cache:
+            yield cache
+
+    def run_relaxations(self):
+        with self.fixed_point_reuse() as cache, self.solver_report("relaxations", cache is not None):
+            return super().run_relaxations()
+
+    def _ordered_evaluation(self):
+        """``task.ordered_evaluation``: false, true (trajectory order + reuse) or ``compare``
+        (also a cold pass in the same order, logged as ``<split>_cold``)."""
+        value = self.config.get("task", {}).get("ordered_evaluation", False)
+        if value not in (False, True, "compare"):
+            raise ValueError(f"task.ordered_evaluation={value!r} must be false, true or 'compare'")
+        return value if self.deq_settings is not None else False
+
+    def _trajectory_loader(self, dataset, where: str):
+        ids = frame_ids(dataset, where)
+        batches = trajectory_batches(
+            ids, self.config["optim"].get("eval_batch_size", self.config["optim"]["batch_size"]),
+            distutils.get_rank(), distutils.get_world_size(),
+        )
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collater,
+                          num_workers=self.config["optim"].get("num_workers", 0))
+
+    def validate(self, split: str = "val", disable_tqdm: bool = False):
+        ordered = self._ordered_evaluation()
+        if not ordered:
+            return super().validate(split, disable_tqdm)
+        dataset = self.val_dataset if split == "val" else self.test_dataset
+        loaders = (self.val_loader, self.test_loader)
+        self.val_loader = self.test_loader = self._trajectory_loader(dataset, f"{split} dataset")
+        try:
+            with self.fixed_point_reuse() as cache, self.solver_report(f"ordered_{split}", cache is not None):
+                metrics = super().validate(split, disable_tqdm)
+            if ordered == "compare":
+                with self.solver_report(f"ordered_{split}_cold", False):
+                    super().validate(f"{split}_cold", disable_tqdm)
+        finally:
+            self.val_loader, self.test_loader = loaders
+        return metrics
+
+    def predict(self, data_loader, per_image: bool = True, results_file=None, disable_tqdm: bool = False):
+        if not self._ordered_evaluation() or data_loader is not self.test_loader:
+            return super().predict(data_loader, per_image, results_file, disable_tqdm)
+        loader = self._trajectory_loader(self.test_dataset, "test dataset")
+        with self.fixed_point_reuse() as cache, self.solver_report("ordered_predict", cache is not None):
+            return super().predict(loader, per_image, results_file, disable_tqdm)
 
     @property
     def deq_settings(self):
@@ -140,22 +223,24 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
 
     def _backward(self, loss) -> None:
         message, self._nonfinite = self._nonfinite, None
-        if message is None:
+        anywhere, self._nonfinite_on_any_rank = self._nonfinite_on_any_rank, False
+        if message is None and not anywhere:
             return super()._backward(loss)
+        message = message or f"non-finite values on another rank at step {self.step} (epoch {self.epoch:.3f})"
         if self._nonfinite_action() == "stop":
             raise NonFiniteError(f"{message}; stopping (set model.deq.on_nonfinite=skip to skip such batches)")
         logging.warning(f"{message}; batch skipped (model.deq.on_nonfinite=skip)")
         self.skipped_batches = getattr(self, "skipped_batches", 0) + 1
+        self.completed_step = self.step  # done with this batch (see rewind_to_completed_step)
         self.optimizer.zero_grad()
         return None
 
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
-        if self._nonfinite is not None:
-            if not self._unwrapped_model.training:
-                logging.warning(f"{self._nonfinite} (evaluation)")
-            else:
-                return metrics if metrics is not None else {}
-        metrics = super()._compute_metrics(out, batch, evaluator, metrics)
+        training = self._unwrapped_model.training
+        if self._nonfinite is not None and not training:
+            logging.warning(f"{self._nonfinite} (evaluation)")
+        running = metrics  # in training: this step's metrics alone first, summed over the ranks below
+        metrics = super()._compute_metrics(out, batch, evaluator, {} if training else metrics)
         model_out = self._model_out or {}
         if all(key in model_out for key in SOLVER_STAT_KEYS):
             n = int(model_out["deq_nstep"].numel())
@@ -165,4 +250,15 @@ class DEQTrainer(EquiformerV2ForcesTrainer):
                 ("deq_unconverged", (~model_out["deq_converged"]).float()),
             ):
                 metrics = evaluator.update(key, {"total": float(values.float().sum()), "numel": n}, metrics)
+        if not training:
+            return metrics
+        step, self._nonfinite_on_any_rank = all_reduce_step_metrics(metrics, self._nonfinite is not None, self.device)
+        running = {} if running is None else running
+        for key, stat in step.items():
+            running = evaluator.update(key, stat, running)
+        return running
+
+    def _aggregate_metrics(self, metrics):
+        metrics = super()._aggregate_metrics(metrics)
+        log_solver_counts(metrics)
         return metrics

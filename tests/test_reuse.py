@@ -1,0 +1,268 @@
+"""Fixed-point reuse: cache rules, warm starts along trajectories, relaxations, ASE calculator,
+trajectory-ordered evaluation. Uses the tiny DEQ the test session trains (conftest)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.constraints import FixAtoms
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
+
+from conftest import run_cli
+from ocp_deq.calculator import DEQCalculator
+from ocp_deq.data import read_lmdb
+from ocp_deq.data.ordering import OrderingError, frame_ids, trajectory_batches
+from ocp_deq.deq.reuse import FixedPointCache
+from ocp_deq.deq.settings import ReuseSettings
+
+TOL = 1e-2  # the toy config's eval / warm-start relative tolerance
+
+
+# -- the cache's rules ------------------------------------------------------------------
+def test_cache_starts_only_the_same_system_and_stays_bounded():
+    cache = FixedPointCache(ReuseSettings(max_systems=2))
+    numbers = torch.tensor([1, 8, 8])
+    z = torch.randn(3, 9, 4)
+    assert cache.start("a", numbers) is None  # never seen: cold
+    cache.store("a", numbers, z)
+    assert torch.equal(cache.start("a", numbers), z)
+    assert cache.start("a", torch.tensor([1, 8, 6])) is None  # other elements: cold, entry dropped
+    assert cache.start("a", numbers) is None
+    cache.store("a", numbers, z)
+    assert cache.start("a", numbers[:2]) is None  # other atom count: cold
+    for key in "abc":
+        cache.store(key, numbers, z)
+    assert len(cache) == 2 and cache.start("a", numbers) is None  # least recently used dropped
+
+
+def test_extrapolated_start_is_linear_in_the_last_two_fixed_points():
+    cache = FixedPointCache(ReuseSettings(start="extrapolate"))
+    numbers = torch.tensor([6, 8])
+    z1, z2 = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    cache.store("m", numbers, z1)
+    assert torch.equal(cache.start("m", numbers), z1)  # one state: plain reuse
+    cache.store("m", numbers, z2)
+    torch.testing.assert_close(cache.start("m", numbers), 2 * z2 - z1)
+
+
+def test_cache_keys_come_from_sid_or_explicit_keys_with_clear_errors():
+    from types import SimpleNamespace
+
+    cache = FixedPointCache()
+    data = SimpleNamespace(natoms=torch.tensor([2, 3]), sid=torch.tensor([7, 9]))
+    assert cache.keys_for(data) == [7, 9]
+    with cache.keys(["x", "y"]):
+        assert cache.keys_for(data) == ["x", "y"]
+    with pytest.raises(ValueError, match="appears twice"):
+        cache.keys_for(SimpleNamespace(natoms=torch.tensor([2, 3]), sid=torch.tensor([7, 7])))
+    with pytest.raises(KeyError, match="no 'sid'"):
+        cache.keys_for(SimpleNamespace(natoms=torch.tensor([2]), sid=None))
+
+
+def test_trajectory_batches_walk_trajectories_in_step_and_cover_every_frame_once():
+    # three trajectories with shuffled frame order in the dataset
+    ids = [(5, 1), (3, 0), (5, 0), (9, 2), (3, 1), (9, 0), (9, 1), (5, 2), (3, 2), (3, 3)]
+    batches = trajectory_batches(ids, batch_size=2)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(len(ids)))
+    for batch in batches:
+        assert len({ids[i][0] for i in batch}) == len(batch)  # one frame per trajectory
+    for sid in (3, 5, 9):
+        fids = [ids[i][1] for i in flat if ids[i][0] == sid]
+        assert fids == sorted(fids)
+    # sids 3 and 5 walk together, then 9
+    assert [sorted(ids[i][0] for i in b) for b in batches[:3]] == [[3, 5], [3, 5], [3, 5]]
+    ranks = [trajectory_batches(ids, 1, rank, 2) for rank in range(2)]
+    assert sorted(i for r in ranks for b in r for i in b) == list(range(len(ids)))
+
+
+def test_ordering_needs_fid():
+    from types import SimpleNamespace
+
+    with pytest.raises(OrderingError, match="frame 1 has no fid"):
+        frame_ids([SimpleNamespace(sid=1, fid=0), SimpleNamespace(sid=1, fid=None)], "val")
+
+
+# -- the model with a cache ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calculator(trained_deq):
+    *_, checkpoint = trained_deq
+    return DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cold_calculator(trained_deq):
+    *_, checkpoint = trained_deq
+    return DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, reuse=False)
+
+
+def slab(toy_root, index: int = 0, rattle: float = 0.0) -> Atoms:
+    frame = read_lmdb(toy_root / "relax")[index]
+    atoms = Atoms(numbers=frame.atomic_numbers.long().numpy(), positions=frame.pos.numpy(),
+                  cell=frame.cell[0].numpy(), pbc=True)
+    atoms.set_constraint(FixAtoms(mask=frame.fixed.bool().numpy()))
+    if rattle:
+        atoms.rattle(rattle, seed=index)
+    return atoms
+
+
+def run_md(atoms, calc, steps: int, dt_fs: float = 1.0):
+    """VelocityVerlet at 600 K: positions, energies, forces and solver stats per step."""
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, dt_fs * units.fs)
+    record = []
+    dyn.attach(lambda: record.append((atoms.get_positions().copy(), atoms.get_potential_energy(),
+                                      atoms.get_forces().copy(), calc.last_nstep[0], calc.last_warm[0])))
+    dyn.run(steps)
+    return record
+
+
+def test_reuse_along_md_lowers_iterations_and_is_as_accurate_as_cold_solves(calculator, cold_calculator, trained_deq, toy_root):
+    """Warm and cold solves both stop at relative residual 1e-2, so neither is exact: measure
+    both against a ten times tighter cold solve; reuse must not be less accurate than cold."""
+    *_, checkpoint = trained_deq
+    tight = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, reuse=False)
+    tight.model.backbone.deq_settings.eval_solver.tol = TOL / 10
+    tight.model.backbone.deq_settings.eval_solver.max_iter = 120
+    calculator.reset_fixed_point()
+    record = run_md(slab(toy_root), calculator, steps=8)
+    assert [r[4] for r in record] == [False] + [True] * (len(record) - 1)  # only the first call is cold
+    cold_nstep, warm_error, cold_error = [], [], []
+    for positions, _, forces, _, _ in record[1:]:
+        reference, cold = [], []
+        for calc, out in ((tight, reference), (cold_calculator, cold)):
+            atoms = slab(toy_root)
+            atoms.set_positions(positions)
+            atoms.calc = calc
+            out.append(atoms.get_forces())
+        cold_nstep.append(cold_calculator.last_nstep[0])
+        scale = np.linalg.norm(reference[0])
+        warm_error.append(np.linalg.norm(forces - reference[0]) / scale)
+        cold_error.append(np.linalg.norm(cold[0] - reference[0]) / scale)
+    warm_nstep = [r[3] for r in record[1:]]
+    assert np.mean(warm_nstep) < 0.6 * np.mean(cold_nstep), (warm_nstep, cold_nstep)
+    assert np.mean(warm_error) < 2 * np.mean(cold_error) + 0.02, (warm_error, cold_error)
+
+
+def test_two_systems_interleaved_each_reuse_their_own_fixed_point(trained_deq, toy_root):
+    *_, checkpoint = trained_deq
+    shared = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
+    model = shared.model
+    a, b = slab(toy_root, 0), slab(toy_root, 1)
+    cache = FixedPointCache(model.backbone.deq_settings.reuse)
+
+    def call(atoms, key):
+        atoms.calc = None
+        with model.reusing(cache), cache.keys([key]):
+            shared.trainer.predict(_batch(shared, atoms), per_image=False, disable_tqdm=True)
+        return cache.last
+
+    first_a, first_b = call(a, "A"), call(b, "B")
+    assert not first_a["warm"].item() and not first_b["warm"].item()
+    fixed_a = cache.start("A", torch.as_tensor(a.numbers)).clone()
+    a.positions += 0.002
+    b.positions -= 0.002
+    again_a, again_b = call(a, "A"), call(b, "B")
+    assert again_a["warm"].item() and again_b["warm"].item()
+    assert again_a["deq_nstep"].item() < first_a["deq_nstep"].item()
+    # A's entry was started from A's own state: it moved only slightly
+    moved = (cache.start("A", torch.as_tensor(a.numbers)) - fixed_a).norm() / fixed_a.norm()
+    assert moved < 0.05
+    # same key, other elements: cold
+    c = slab(toy_root, 0)
+    c.numbers[-1] = 7 if c.numbers[-1] != 7 else 6
+    assert not call(c, "A")["warm"].item()
+
+
+def _batch(calc, atoms):
+    from fairchem.core.datasets.lmdb_dataset import data_list_collater
+
+    return data_list_collater([calc.a2g.convert(atoms)], otf_graph=True)
+
+
+def test_mixed_batch_of_warm_and_cold_graphs_equals_separate_solves(calculator, toy_root):
+    """A batch where one system is warm and one cold is split, solved with the right solver
+    each, and put back in order."""
+    from fairchem.core.datasets.lmdb_dataset import data_list_collater
+
+    model = calculator.model.eval()
+    frames = read_lmdb(toy_root / "relax")[:2]
+    cache = FixedPointCache(model.backbone.deq_settings.reuse)
+    with torch.no_grad(), model.reusing(cache):
+        torch.manual_seed(0)
+        alone = model(data_list_collater([frames[0]], otf_graph=True))  # warms sid of frame 0
+        torch.manual_seed(0)
+        both = model(data_list_collater(frames, otf_graph=True))
+    assert cache.last["warm"].tolist() == [True, False]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        cold_second = model(data_list_collater([frames[1]], otf_graph=True), reuse=False)
+    n0 = int(frames[0].natoms)
+    torch.testing.assert_close(both["forces"][n0:], cold_second["forces"], rtol=0, atol=1e-3)
+    assert both["deq_nstep"][1] == cold_second["deq_nstep"][0]
+    rel = (both["forces"][:n0] - alone["forces"]).norm() / alone["forces"].norm()
+    assert rel < 5 * TOL
+
+
+def test_calculator_drives_bfgs_and_langevin_and_resets_on_identity_change(calculator, toy_root):
+    atoms = slab(toy_root, 0, rattle=0.03)
+    atoms.calc = calculator
+    fmax0 = np.abs(atoms.get_forces()).max()
+    BFGS(atoms, logfile=None, maxstep=0.04).run(fmax=0.0, steps=8)
+    assert calculator.last_warm == [True] and calculator.last_converged == [True]
+    assert np.abs(atoms.get_forces()).max() < fmax0
+    Langevin(atoms, 1.0 * units.fs, temperature_K=300, friction=0.02, rng=np.random.default_rng(1)).run(5)
+    assert calculator.last_warm == [True] and calculator.last_residual[0] < TOL
+    other = slab(toy_root, 1)
+    other.calc = calculator
+    other.get_potential_energy()
+    if len(other) == len(atoms) and (other.numbers == atoms.numbers).all():
+        pytest.skip("toy relax systems 0 and 1 have the same composition")
+    assert calculator.last_warm == [False]  # new identity: cold start
+
+
+# -- through the CLI ------------------------------------------------------------------------
+@pytest.mark.parametrize("force_mode", ["direct", "conservative"])
+def test_run_relaxations_warm_starts_and_writes_outputs(trained_deq, force_mode):
+    work, config, _, checkpoint = trained_deq
+    run_dir = work / f"relax_{force_mode}"
+    run_cli("--mode", "run-relaxations", "--config-yml", config, "--cpu", "--checkpoint", checkpoint,
+            "--run-dir", run_dir, "--identifier", "r", f"model.force_mode={force_mode}",
+            "task.relaxation_steps=6", "task.relaxation_fmax=0.0", cwd=work)
+    [results] = list((run_dir / "results").glob("*"))
+    positions = np.load(results / "relaxed_positions.npz")
+    assert {"ids", "pos", "chunk_idx"} <= set(positions.files)
+    report = json.loads((results / "solver_relaxations.json").read_text())
+    assert report["reuse"] and report["systems"] == len(positions["ids"])
+    assert report["mean_nstep_later_calls"] < report["mean_nstep_first_call"]
+    assert report["wall_time_per_system_s"] > 0
+
+
+def test_ordered_validation_reports_reuse_and_cold(trained_deq):
+    work, config, _, checkpoint = trained_deq
+    run_dir = work / "ordered"
+    proc = run_cli("--mode", "validate", "--config-yml", config, "--cpu", "--checkpoint", checkpoint,
+                   "--run-dir", run_dir, "--identifier", "o", "task.ordered_evaluation=compare", cwd=work)
+    [results] = list((run_dir / "results").glob("*"))
+    warm = json.loads((results / "solver_ordered_val.json").read_text())
+    cold = json.loads((results / "solver_ordered_val_cold.json").read_text())
+    assert warm["reuse"] and not cold["reuse"]
+    assert warm["graph_evaluations"] == cold["graph_evaluations"] == len(read_lmdb(_val_src(config)))
+    assert warm["mean_nstep_later_calls"] < cold["mean_nstep_later_calls"]
+    log = proc.stdout + proc.stderr
+    maes = [float(m) for m in __import__("re").findall(r"forces_mae: ([0-9.]+)", log)]
+    assert len(maes) >= 2 and abs(maes[-1] - maes[-2]) < 0.05 * maes[-1], maes
+
+
+def _val_src(config):
+    import yaml
+
+    return yaml.safe_load(open(config))["dataset"]["val"]["src"]
