@@ -278,6 +278,19 @@ class DEQEquiformerV2(HydraModel):
         self.force_mode = force_mode
         self.fixed_point_cache: FixedPointCache | None = None
 
+    @property
+    def force_mode(self) -> str:
+        return self._force_mode
+
+    @force_mode.setter
+    def force_mode(self, mode: str) -> None:
+        """Conservative forces leave the direct force head unused: freeze it, or DDP (which
+        fairchem wraps around every model, a single CPU process included) fails waiting for
+        its gradients."""
+        self._force_mode = mode
+        if self.regress_forces:
+            self.output_heads["forces"].requires_grad_(mode == "direct")
+
     def predict(self, data, emb) -> dict:
         """Energy and (direct) forces from one backbone embedding."""
         out = dict(self.output_heads["energy"](data, emb))
@@ -292,7 +305,7 @@ class DEQEquiformerV2(HydraModel):
         None when ``model.deq.reuse.enabled`` is false."""
         settings = self.backbone.deq_settings.reuse
         previous = self.fixed_point_cache
-        self.fixed_point_cache = (cache or FixedPointCache(settings)) if settings.enabled else None
+        self.fixed_point_cache = (cache if cache is not None else FixedPointCache(settings)) if settings.enabled else None
         try:
             yield self.fixed_point_cache
         finally:
