@@ -147,3 +147,22 @@ def test_direct_checkpoint_fine_tunes_with_conservative_forces(toy_root, tmp_pat
     change = max((after["state_dict"][k] - before["state_dict"][k]).abs().max().item() for k in blocks)
     print(f"largest block-weight change in fine-tuning: {change:.2e}")
     assert 0 < change < 10 * 2 * lr
+
+    # checkpoint.pt holds the trainer state: the run resumes at step 2 with the EMA re-indexed
+    # to the conservative model's trainable parameters and a fresh optimiser (its parameter
+    # groups no longer match the saved ones)
+    [resumable] = (tmp_path / "pre" / "checkpoints").glob("*/checkpoint.pt")
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "ft2",
+                   "--identifier", "ft2", "--checkpoint", resumable, "model.force_mode=conservative",
+                   "optim.max_epochs=2", f"optim.lr_initial={lr}", cwd=tmp_path)
+    assert "its optimizer state is not restored" in proc.stdout + proc.stderr
+    [resumed] = (tmp_path / "ft2" / "checkpoints").glob("*/checkpoint.pt")
+    saved = torch.load(resumable, map_location="cpu", weights_only=False)
+    after = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert after["step"] == 4
+    saved_ema, resumed_ema = saved["ema"]["shadow_params"], after["ema"]["shadow_params"]
+    assert 0 < len(saved_ema) - len(resumed_ema) <= len(force_head)
+    # the force head's parameters come last: every other shadow keeps its value (two steps of
+    # lr 1e-5 and decay 0.999 move it by far less than 1e-3)
+    for kept, saved_shadow in zip(resumed_ema, saved_ema):
+        torch.testing.assert_close(kept, saved_shadow, rtol=0, atol=1e-3)

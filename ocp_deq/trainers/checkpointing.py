@@ -17,6 +17,7 @@ import os
 import uuid
 from pathlib import Path
 
+import torch
 from fairchem.core.common import distutils
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -61,6 +62,12 @@ class ResumableCheckpoints:
         return str(final)
 
     def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False):
+        if checkpoint is None:
+            if not os.path.isfile(checkpoint_path):
+                raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+            logging.info(f"Loading checkpoint from: {checkpoint_path}")
+            checkpoint = torch.load(checkpoint_path, map_location="cpu" if self.cpu else self.device, weights_only=False)
+        checkpoint = self._adapt_to_force_mode(checkpoint, checkpoint_path)
         super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
         self.completed_step = self.step
         scheduler = getattr(self, "scheduler", None)
@@ -76,6 +83,36 @@ class ResumableCheckpoints:
         restored.append(f"normalizers {sorted(self.normalizers)}")
         if distutils.is_master():
             logging.info(f"ocp_deq: restored from {checkpoint_path}: {', '.join(restored)}")
+
+    def _adapt_to_force_mode(self, checkpoint: dict, checkpoint_path: str) -> dict:
+        """A checkpoint saved in the other force mode has another set of trainable parameters
+        (conservative forces freeze the direct force head): its optimizer state cannot be
+        matched to ours (a fresh optimiser starts) and its EMA shadows are re-indexed by
+        parameter name (the force head's shadows, when missing, start from its weights)."""
+        model = self._unwrapped_model
+        mode = getattr(model, "force_mode", None)
+        saved_mode = (checkpoint.get("config") or {}).get("model", {}).get("force_mode", "direct")
+        if mode is None or saved_mode == mode or "forces" not in getattr(model, "output_heads", {}):
+            return checkpoint
+        checkpoint = dict(checkpoint)
+        head = {f"output_heads.forces.{name}" for name, _ in model.output_heads["forces"].named_parameters()}
+        named = list(model.named_parameters())
+        saved_trainable = [n for n, p in named if (n in head and saved_mode == "direct") or (n not in head and p.requires_grad)]
+        trainable = [n for n, p in named if p.requires_grad]
+        if checkpoint.pop("optimizer", None) is not None and distutils.is_master():
+            logging.warning(f"ocp_deq: {checkpoint_path} was saved with force_mode={saved_mode}, this run uses "
+                            f"{mode}: the trainable parameters differ, so its optimizer state is not restored "
+                            "(a fresh optimiser starts; step, LR schedule and weights are restored)")
+        ema = checkpoint.get("ema")
+        if ema is not None:
+            if len(ema["shadow_params"]) != len(saved_trainable):
+                raise ValueError(f"{checkpoint_path}: EMA holds {len(ema['shadow_params'])} parameters, a "
+                                 f"force_mode={saved_mode} model trains {len(saved_trainable)}")
+            shadows = dict(zip(saved_trainable, ema["shadow_params"]))
+            weights = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+            checkpoint["ema"] = dict(ema, shadow_params=[shadows.get(n, weights.get(n)) for n in trainable],
+                                     collected_params=[])
+        return checkpoint
 
     def _backward(self, loss) -> None:
         super()._backward(loss)
