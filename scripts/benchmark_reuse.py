@@ -2,16 +2,16 @@
 
 On a trained ocp_deq checkpoint, with the ASE calculator: BFGS relaxations of the toy relax
 systems and one Langevin MD run, each with cold starts, plain reuse and extrapolated starts;
-the explicit EquiformerV2 of the same width is timed on the same MD frames. Writes
-reuse.json, reuse.md and reuse.png to --out.
+a trained explicit EquiformerV2 checkpoint (same width) runs the same relaxations and MD
+through fairchem's OCPCalculator. Writes reuse.json, reuse.md and reuse.png to --out.
 
-    python scripts/benchmark_reuse.py --checkpoint runs/checkpoints/<ts>/checkpoint.pt
+    python scripts/benchmark_reuse.py --checkpoint runs/checkpoints/<deq>/checkpoint.pt \
+        --explicit-checkpoint runs/checkpoints/<explicit>/checkpoint.pt
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -24,16 +24,14 @@ from ase import Atoms, units
 from ase.constraints import FixAtoms
 from ase.md.langevin import Langevin
 from ase.optimize import BFGS
-from fairchem.core.common.registry import registry
-from fairchem.core.common.utils import load_config
-from fairchem.core.datasets.lmdb_dataset import data_list_collater
+from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 from tqdm import tqdm
 
 from ocp_deq.calculator import DEQCalculator
-from ocp_deq.cli import resolve_config
 from ocp_deq.data import read_lmdb
 
 STRATEGIES = {"cold": None, "reuse": "plain", "extrapolate": "extrapolate"}
+EXPLICIT = "explicit"
 
 
 def slab(frame) -> Atoms:
@@ -43,7 +41,11 @@ def slab(frame) -> Atoms:
     return atoms
 
 
-def calculator(checkpoint: str, start: str | None) -> DEQCalculator:
+def calculator(checkpoint: str, start: str | None):
+    """The DEQ calculator with the given start strategy; ``start=EXPLICIT``: fairchem's
+    OCPCalculator for an explicit-model checkpoint."""
+    if start == EXPLICIT:
+        return OCPCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
     calc = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, reuse=start is not None)
     if start is not None:
         calc.cache.settings.start = start
@@ -59,12 +61,12 @@ def follow(dynamics, atoms, calc, steps: int, **run_kwargs) -> dict:
         now = time.perf_counter()
         times.append(now - clock[0])
         clock[0] = now
-        nstep.append(calc.last_nstep[0])
+        nstep.append(calc.last_nstep[0] if isinstance(calc, DEQCalculator) else None)
         positions.append(atoms.get_positions().copy())
 
     dynamics.attach(record)
     dynamics.run(steps=steps, **run_kwargs)
-    return {"nstep": nstep, "time": times[1:], "positions": positions, "forces": atoms.get_forces().copy()}
+    return {"nstep": nstep, "time": times[1:], "positions": positions}
 
 
 def run_relaxations(checkpoint, frames, start, steps, fmax):
@@ -73,7 +75,8 @@ def run_relaxations(checkpoint, frames, start, steps, fmax):
     for frame in tqdm(frames, desc=f"relaxations ({start or 'cold'})"):
         atoms = slab(frame)
         atoms.calc = calc
-        calc.reset_fixed_point()
+        if isinstance(calc, DEQCalculator):
+            calc.reset_fixed_point()  # another system: never start from the last one's state
         runs.append(follow(BFGS(atoms, logfile=None, maxstep=0.04), atoms, calc, steps, fmax=fmax))
     return runs
 
@@ -89,67 +92,51 @@ def run_md(checkpoint, frame, start, steps, temperature):
         return follow(dyn, atoms, calc, steps)
 
 
-def time_explicit(config_name: str, frame, positions: list) -> float:
-    """Seconds per energy+forces evaluation of the explicit EquiformerV2 on the MD frames."""
-    config, _, _ = load_config(str(resolve_config(config_name)))
-    model_config = copy.deepcopy(config["model"])
-    model = registry.get_model_class(model_config.pop("name"))(**model_config).eval()
-    times = []
-    for pos in positions:
-        data = copy.copy(frame)
-        data.pos = torch.tensor(pos, dtype=torch.float32)
-        batch = data_list_collater([data], otf_graph=True)
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(batch)
-        times.append(time.perf_counter() - start)
-    return float(np.mean(times[1:]))
-
-
 def summary(runs: list[dict]) -> dict:
-    later = [n for run in runs for n in run["nstep"][1:]]
-    first = [run["nstep"][0] for run in runs]
+    """Solver evaluations on the first (cold) call and per later step; wall time per step
+    (the first call, which builds the model's caches, excluded) and per run."""
     times = [t for run in runs for t in run["time"]]
-    return {
-        "steps": len(later) + len(first),
-        "mean_nstep_first": float(np.mean(first)),
-        "mean_nstep_per_step": float(np.mean(later)),
+    result = {
+        "runs": len(runs),
+        "steps": sum(len(run["nstep"]) for run in runs),
         "wall_time_per_step_s": float(np.mean(times)),
+        "wall_time_per_run_s": float(np.sum(times) / len(runs)),
     }
+    if runs[0]["nstep"][0] is not None:
+        result["mean_nstep_first"] = float(np.mean([run["nstep"][0] for run in runs]))
+        result["mean_nstep_per_step"] = float(np.mean([n for run in runs for n in run["nstep"][1:]]))
+    return result
 
 
-def force_difference(checkpoint, frame, positions: list, forces_warm: list) -> dict:
-    """Warm-start forces vs cold solves at the same positions (max |dF| and relative norm)."""
-    calc = calculator(checkpoint, None)
-    atoms = slab(frame)
-    atoms.calc = calc
-    abs_diff, rel_diff = [], []
-    for pos, warm in zip(positions, forces_warm):
-        atoms.set_positions(pos)
-        cold = atoms.get_forces()
-        abs_diff.append(float(np.abs(cold - warm).max()))
-        rel_diff.append(float(np.linalg.norm(cold - warm) / np.linalg.norm(cold)))
-    return {"max_abs_eV_per_A": max(abs_diff), "mean_max_abs_eV_per_A": float(np.mean(abs_diff)),
-            "mean_relative": float(np.mean(rel_diff))}
-
-
-def md_forces(checkpoint, frame, start, steps, temperature, every):
-    """MD with warm starts, keeping positions and forces every ``every`` steps."""
-    calc = calculator(checkpoint, start)
+def reuse_vs_cold(checkpoint, frame, steps, temperature, every) -> dict:
+    """Energies and forces of a warm-started MD run vs cold solves at the same positions
+    (every ``every`` steps): max |dE|, max |dF| and the mean relative force difference."""
+    calc = calculator(checkpoint, "plain")
     atoms = slab(frame)
     atoms.calc = calc
     dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature, friction=0.02, rng=np.random.default_rng(1))
-    kept = []
-    dyn.attach(lambda: kept.append((atoms.get_positions().copy(), atoms.get_forces().copy())), interval=every)
+    warm = []
+    dyn.attach(lambda: warm.append((atoms.get_positions().copy(), atoms.get_potential_energy(),
+                                    atoms.get_forces().copy())), interval=every)
     dyn.run(steps)
-    return [p for p, _ in kept], [f for _, f in kept]
+    cold_atoms = slab(frame)
+    cold_atoms.calc = calculator(checkpoint, None)
+    energy, force, relative = [], [], []
+    for pos, e_warm, f_warm in warm:
+        cold_atoms.set_positions(pos)
+        f_cold = cold_atoms.get_forces()
+        energy.append(abs(cold_atoms.get_potential_energy() - e_warm))
+        force.append(float(np.abs(f_cold - f_warm).max()))
+        relative.append(float(np.linalg.norm(f_cold - f_warm) / np.linalg.norm(f_cold)))
+    return {"frames": len(warm), "max_abs_energy_eV": float(max(energy)), "max_abs_force_eV_per_A": max(force),
+            "mean_max_abs_force_eV_per_A": float(np.mean(force)), "mean_relative_force": float(np.mean(relative))}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help="trained ocp_deq checkpoint")
+    parser.add_argument("--explicit-checkpoint", help="trained explicit EquiformerV2 checkpoint (baseline)")
     parser.add_argument("--data", default="data/toy_s2ef", help="toy S2EF root (its relax split is used)")
-    parser.add_argument("--explicit-config", default="equiformer_v2_toy.yml")
     parser.add_argument("--relax-systems", type=int, default=4)
     parser.add_argument("--relax-steps", type=int, default=40)
     parser.add_argument("--fmax", type=float, default=0.03)
@@ -161,16 +148,15 @@ def main(argv=None):
     frames = read_lmdb(Path(args.data) / "relax")[: args.relax_systems]
     result = {"checkpoint": str(args.checkpoint), "relaxations": {}, "md": {}, "threads": torch.get_num_threads()}
     md_runs = {}
-    for name, start in STRATEGIES.items():
-        result["relaxations"][name] = summary(run_relaxations(args.checkpoint, frames, start, args.relax_steps, args.fmax))
-        md_runs[name] = run_md(args.checkpoint, frames[0], start, args.md_steps, args.temperature)
+    runs = dict(STRATEGIES, **({EXPLICIT: EXPLICIT} if args.explicit_checkpoint else {}))
+    for name, start in runs.items():
+        checkpoint = args.explicit_checkpoint if start == EXPLICIT else args.checkpoint
+        result["relaxations"][name] = summary(run_relaxations(checkpoint, frames, start, args.relax_steps, args.fmax))
+        md_runs[name] = run_md(checkpoint, frames[0], start, args.md_steps, args.temperature)
         result["md"][name] = summary([md_runs[name]])
         print(name, result["relaxations"][name], result["md"][name], flush=True)
-    explicit = time_explicit(args.explicit_config, frames[0], md_runs["cold"]["positions"][:50])
-    result["explicit_wall_time_per_step_s"] = explicit
-    positions, forces = md_forces(args.checkpoint, frames[0], "plain", min(args.md_steps, 100), args.temperature, 10)
-    result["reuse_vs_cold_forces"] = force_difference(args.checkpoint, frames[0], positions, forces)
-    result["md_nstep_trace"] = {name: run["nstep"] for name, run in md_runs.items()}
+    result["reuse_vs_cold"] = reuse_vs_cold(args.checkpoint, frames[0], min(args.md_steps, 100), args.temperature, 10)
+    result["md_nstep_trace"] = {name: md_runs[name]["nstep"] for name in STRATEGIES}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,25 +168,27 @@ def main(argv=None):
 
 def markdown(result: dict) -> str:
     relax, md = result["relaxations"], result["md"]
-    cold_r, cold_m = relax["cold"]["mean_nstep_per_step"], md["cold"]["mean_nstep_per_step"]
     lines = [
-        "| start | relaxation: solver evals / step | ratio to cold | s / step | MD: solver evals / step | ratio to cold | s / step |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model / start | relaxation: solver evals / step | ratio to cold | s / step | s / relaxation "
+        "| MD: solver evals / step | ratio to cold | s / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in STRATEGIES:
+
+    def evals(part, name):
+        if "mean_nstep_per_step" not in part[name]:
+            return "-", "-"
+        n = part[name]["mean_nstep_per_step"]
+        return f"{n:.2f}", f"{n / part['cold']['mean_nstep_per_step']:.2f}"
+
+    for name in relax:
+        label = "explicit EquiformerV2 (4 blocks)" if name == EXPLICIT else f"DEQ {name}"
         r, m = relax[name], md[name]
-        lines.append(
-            f"| DEQ {name} | {r['mean_nstep_per_step']:.2f} | {r['mean_nstep_per_step'] / cold_r:.2f} | "
-            f"{r['wall_time_per_step_s']:.3f} | {m['mean_nstep_per_step']:.2f} | "
-            f"{m['mean_nstep_per_step'] / cold_m:.2f} | {m['wall_time_per_step_s']:.3f} |"
-        )
-    lines.append(f"| explicit EquiformerV2 (4 blocks) | - | - | - | - | - | {result['explicit_wall_time_per_step_s']:.3f} (forward only) |")
-    diff = result["reuse_vs_cold_forces"]
-    lines.append("")
-    lines.append(
-        f"Reuse vs cold forces at the same MD positions: mean relative difference {diff['mean_relative']:.3f}, "
-        f"max |dF| {diff['max_abs_eV_per_A']:.4f} eV/A."
-    )
+        lines.append(f"| {label} | {' | '.join(evals(relax, name))} | {r['wall_time_per_step_s']:.3f} | "
+                     f"{r['wall_time_per_run_s']:.2f} | {' | '.join(evals(md, name))} | {m['wall_time_per_step_s']:.3f} |")
+    diff = result["reuse_vs_cold"]
+    lines += ["", f"Reuse vs cold solves at the same positions ({diff['frames']} MD frames): max |dE| "
+              f"{diff['max_abs_energy_eV']:.4f} eV, max |dF| {diff['max_abs_force_eV_per_A']:.4f} eV/A, "
+              f"mean relative force difference {diff['mean_relative_force']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
