@@ -93,7 +93,9 @@ class ReuseSettings:
 
     ``solver`` serves warm starts: plain fixed-point iteration can stop after its first
     evaluation when the start is already converged (Anderson needs three). Graphs it leaves
-    unconverged are finished by ``eval_solver`` when ``fallback`` is on. ``start``: the last
+    unconverged are finished by ``eval_solver`` when ``fallback`` is on (from where the warm
+    solver stopped; Anderson costs at least three more evaluations, so ``max_iter`` 8 beats 2:
+    on the toy DEQ's MD run 5.9 vs 6.5 evaluations per step). ``start``: the last
     fixed point (``plain``) or the linear extrapolation of the last two (``extrapolate``).
     """
 
@@ -102,7 +104,7 @@ class ReuseSettings:
     start: str = "plain"
     fallback: bool = True
     solver: SolverSettings = field(
-        default_factory=lambda: SolverSettings(solver="fixed_point_iter", tol=1e-2, max_iter=2)
+        default_factory=lambda: SolverSettings(solver="fixed_point_iter", tol=1e-2, max_iter=8)
     )
 
     _SECTIONS = {"solver": SolverSettings}
