@@ -4,10 +4,12 @@ trajectory-ordered evaluation. Uses the tiny DEQ the test session trains (confte
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from ase import Atoms, units
 from ase.constraints import FixAtoms
 from ase.md.langevin import Langevin
@@ -258,11 +260,26 @@ def test_ordered_validation_reports_reuse_and_cold(trained_deq):
     assert warm["graph_evaluations"] == cold["graph_evaluations"] == len(read_lmdb(_val_src(config)))
     assert warm["mean_nstep_later_calls"] < cold["mean_nstep_later_calls"]
     log = proc.stdout + proc.stderr
-    maes = [float(m) for m in __import__("re").findall(r"forces_mae: ([0-9.]+)", log)]
+    maes = [float(m) for m in re.findall(r"forces_mae: ([0-9.]+)", log)]
     assert len(maes) >= 2 and abs(maes[-1] - maes[-2]) < 0.05 * maes[-1], maes
 
 
 def _val_src(config):
-    import yaml
-
     return yaml.safe_load(open(config))["dataset"]["val"]["src"]
+
+
+def test_ordered_validation_when_val_and_test_share_a_split(trained_deq):
+    """Evaluating on labelled test frames (molecules) points dataset.val.src at the split the
+    config also opens as dataset.test: both share one LMDB (py-lmdb refuses a second open).
+    The toy S2EF test split has no labels, so here the test split points at the val split.
+    ``true`` on the command line is the string "true"."""
+    work, config, _, checkpoint = trained_deq
+    val_src = _val_src(config)
+    run_dir = work / "ordered_shared"
+    run_cli("--mode", "validate", "--config-yml", config, "--cpu", "--checkpoint", checkpoint,
+            "--run-dir", run_dir, "--identifier", "os", "task.ordered_evaluation=true",
+            f"dataset.test.src={val_src}", cwd=work)
+    [results] = list((run_dir / "results").glob("*"))
+    report = json.loads((results / "solver_ordered_val.json").read_text())
+    assert report["reuse"] and report["graph_evaluations"] == len(read_lmdb(val_src))
+    assert not (results / "solver_ordered_val_cold.json").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -65,6 +66,21 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             params["warmup_epochs"] = max(params["warmup_epochs"], 1.0 / len(self.train_loader))
         super().load_extras()
 
+    def load_datasets(self) -> None:
+        """py-lmdb refuses to open one file twice in a process: when the test split is the
+        validation split (evaluating on test frames: ``dataset.val.src=<test split>``), both
+        use one dataset and loader."""
+        val, test = self.config["val_dataset"], self.config["test_dataset"]
+        shared = "src" in val and "src" in test and Path(val["src"]).resolve() == Path(test["src"]).resolve()
+        if shared:
+            self.config["test_dataset"] = {key: value for key, value in test.items() if key != "src"}
+        try:
+            super().load_datasets()
+        finally:
+            self.config["test_dataset"] = test
+        if shared:
+            self.test_dataset, self.test_sampler, self.test_loader = self.val_dataset, self.val_sampler, self.val_loader
+
     def load_model(self) -> None:
         super().load_model()
         self._model_out, self._nonfinite, self._nonfinite_on_any_rank = None, None, False
@@ -111,6 +127,8 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         """``task.ordered_evaluation``: false, true (trajectory order + reuse) or ``compare``
         (also a cold pass in the same order, logged as ``<split>_cold``)."""
         value = self.config.get("task", {}).get("ordered_evaluation", False)
+        # fairchem's command-line overrides keep "true" / "false" as strings
+        value = {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value
         if value not in (False, True, "compare"):
             raise ValueError(f"task.ordered_evaluation={value!r} must be false, true or 'compare'")
         return value if self.deq_settings is not None else False
