@@ -20,7 +20,9 @@ class DEQCalculator(OCPCalculator):
     ``reuse``: warm-start every call from the previous fixed point of the same Atoms
     (``system_id`` names it in the cache). A change of atom count or elements resets it.
     After each call, ``last_nstep`` / ``last_residual`` / ``last_converged`` / ``last_warm``
-    describe the solve (function evaluations, relative residual, convergence, warm start).
+    describe the solve (function evaluations, relative residual, convergence, warm start);
+    with conservative forces ``last_backward_converged`` tells whether the IFT backward solve
+    behind the forces converged (None otherwise).
     """
 
     def __init__(self, *args, reuse: bool = True, system_id: str = "atoms", **kwargs):
@@ -33,12 +35,15 @@ class DEQCalculator(OCPCalculator):
         self.system_id = system_id
         self._identity = None
         self.last_nstep = self.last_residual = self.last_converged = self.last_warm = None
+        self.last_backward_converged = None
         self.model.register_forward_hook(self._record_solve)
 
     def _record_solve(self, module, inputs, output) -> None:
         self.last_nstep = output["deq_nstep"].tolist()
         self.last_residual = output["deq_residual"].tolist()
         self.last_converged = output["deq_converged"].tolist()
+        backward = output.get("deq_backward_converged")
+        self.last_backward_converged = backward.tolist() if backward is not None else None
         warm = self.cache.last["warm"].tolist() if self.cache is not None and self.cache.last else None
         self.last_warm = warm or [False] * len(self.last_nstep)
 

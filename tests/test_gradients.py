@@ -132,6 +132,21 @@ def test_conservative_forces_are_minus_energy_gradient(training):
     assert worst < 1e-6
 
 
+def test_unconverged_backward_solve_is_reported_per_graph():
+    """Conservative forces are only as exact as the IFT backward solve: its convergence is
+    reported per graph (``deq_backward_converged``), and a cut-short solve changes them."""
+    def forces(backward_solver):
+        model = build("ift", force_mode="conservative", backward_solver=backward_solver).eval()
+        torch.manual_seed(5)
+        out = model(molecule_batch())
+        return out["forces"], out["deq_backward_converged"]
+
+    exact, converged = forces({"solver": "fixed_point_iter", "tol": 1e-12, "max_iter": 300})
+    rough, cut_short = forces({"solver": "fixed_point_iter", "tol": 1e-12, "max_iter": 2})
+    assert converged.tolist() == [True] and cut_short.tolist() == [False]
+    assert (rough - exact).norm() > 1e-4 * exact.norm()
+
+
 def test_conservative_forces_rotate_with_the_molecule():
     model = build("ift", force_mode="conservative", solver={"solver": "anderson", "tol": 1e-9, "max_iter": 300}).eval()
     R = torch.tensor(Rotation.random(random_state=3).as_matrix())

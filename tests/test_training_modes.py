@@ -130,6 +130,9 @@ def test_direct_checkpoint_fine_tunes_with_conservative_forces(toy_root, tmp_pat
                    "--identifier", "ft", "--checkpoint", pretrained, "--seed", "7",
                    "model.force_mode=conservative", f"optim.lr_initial={lr}", cwd=tmp_path)
     assert f"Loading checkpoint from: {pretrained}" in proc.stdout + proc.stderr
+    # the IFT backward solve behind conservative forces is watched like the forward solve
+    assert "deq_backward_unconverged" in proc.stdout + proc.stderr
+    assert "with an unconverged force (IFT backward) solve" in proc.stdout + proc.stderr
     [tuned] = (tmp_path / "ft" / "checkpoints").glob("*/checkpoint.pt")
 
     before = torch.load(pretrained, map_location="cpu", weights_only=False)

@@ -44,6 +44,8 @@ class PerGraphSolver:
 
     Called by torchdeq like its own solvers: ``(func, x0, max_iter, tol, stop_mode, ...)``
     -> ``(z, trajectory, SolverStat)``. ``nstep`` counts function evaluations per graph.
+    ``last_stat`` keeps the latest call's statistics: an IFT backward solve runs inside
+    autograd, where nothing else sees them.
     """
 
     def __init__(self, base: str):
@@ -52,6 +54,7 @@ class PerGraphSolver:
         self.base = base
         self.base_solver = get_solver(base)
         self.offset = _EVALS_BEFORE_FIRST_CHECK[base]
+        self.last_stat = None
 
     @property
     def name(self) -> str:
@@ -85,6 +88,7 @@ class PerGraphSolver:
         for step in indexing or []:
             at = torch.clamp(torch.minimum(chosen, torch.full_like(chosen, step - 1 - self.offset)), min=0)
             trajectory.append(stacked[rows, at].view_as(x0))
+        self.last_stat = stat
         return z, trajectory, stat
 
 

@@ -180,7 +180,7 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
         mode = settings.gradient
         if mode == "phantom" and data.pos.requires_grad:
             mode = "ift"
-        states = []
+        states, backward_solver = [], None
         if needs_grad and mode == "bptt":
             z, info = unrolled_solve(f, z_init, solver)
         else:
@@ -192,8 +192,9 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
                 wrapped = DEQWrapper(f, None)
                 if mode == "ift":
                     backward = self.deq_settings.backward_solver
+                    backward_solver = PerGraphSolver(backward.solver)
                     attach = backward_factory(
-                        grad_type="ift", b_solver=PerGraphSolver(backward.solver), b_solver_kwargs=_solver_kwargs(backward)
+                        grad_type="ift", b_solver=backward_solver, b_solver_kwargs=_solver_kwargs(backward)
                     )
                     z = attach(None, wrapped, z.detach())[-1]
                 phantom = backward_factory(grad_type=int(settings.grad_steps), tau=float(settings.grad_tau))
@@ -207,6 +208,7 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
             "deq_nstep": info["nstep"].detach().float(),
             "deq_residual": info["rel_lowest"].detach(),
             "deq_converged": info["converged"].detach(),
+            "deq_backward_solver": backward_solver,  # its last_stat: after autograd ran the IFT solve
         }
         if needs_grad and self.training and self._jacobian_due():
             zj = z.detach().requires_grad_()
@@ -366,6 +368,9 @@ class DEQEquiformerV2(HydraModel):
             if conservative:
                 create_graph = self.training
                 out["forces"] = -torch.autograd.grad(out["energy"].sum(), data.pos, create_graph=create_graph)[0]
+                backward = emb["deq_backward_solver"]
+                if backward is not None and backward.last_stat is not None:  # IFT, not BPTT
+                    out["deq_backward_converged"] = backward.last_stat["converged"].detach()
                 if not create_graph:
                     out = {key: value.detach() for key, value in out.items()}
         out.update({key: emb[key] for key in SOLVER_STAT_KEYS})

@@ -56,7 +56,8 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
     Works with any fairchem model; for DEQ models it logs, per step
     and per validation, the mean solver iterations (``deq_nstep``), the mean final relative
     residual (``deq_residual``) and the fraction of graphs that did not converge
-    (``deq_unconverged``), on the console line and in the configured logger."""
+    (``deq_unconverged``; with conservative forces also ``deq_backward_unconverged``, the
+    IFT backward solve behind the forces), on the console line and in the configured logger."""
 
     def load_extras(self) -> None:
         # fairchem turns warmup_epochs into int(warmup_epochs * steps_per_epoch) and divides
@@ -268,6 +269,10 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
                 ("deq_unconverged", (~model_out["deq_converged"]).float()),
             ):
                 metrics = evaluator.update(key, {"total": float(values.float().sum()), "numel": n}, metrics)
+        if "deq_backward_converged" in model_out:  # conservative forces through an IFT solve
+            unconverged = (~model_out["deq_backward_converged"]).float()
+            metrics = evaluator.update("deq_backward_unconverged",
+                                       {"total": float(unconverged.sum()), "numel": int(unconverged.numel())}, metrics)
         if not training:
             return metrics
         step, self._nonfinite_on_any_rank = all_reduce_step_metrics(metrics, self._nonfinite is not None, self.device)

@@ -44,7 +44,9 @@ def log_solver_counts(metrics: dict) -> None:
         return
     graphs = int(metrics["deq_nstep"]["numel"])
     unconverged = int(round(float(metrics["deq_unconverged"]["total"])))
+    backward = metrics.get("deq_backward_unconverged")
+    backward = f", {int(round(float(backward['total'])))} with an unconverged force (IFT backward) solve" if backward else ""
     logging.info(
-        f"DEQ solver: {graphs} graphs on {distutils.get_world_size()} rank(s), {unconverged} unconverged, "
+        f"DEQ solver: {graphs} graphs on {distutils.get_world_size()} rank(s), {unconverged} unconverged{backward}, "
         f"mean solver evaluations {float(metrics['deq_nstep']['metric']):.3f}"
     )
