@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from conftest import REPO, TINY_MODEL
 from ocp_deq.data import read_lmdb
-from ocp_deq.deq.settings import DEQConfigError
+from ocp_deq.deq.settings import DEQConfigError, DEQSettings
 
 # No neighbour truncation: fairchem's max_neighbors cut alone breaks rotation symmetry.
 GRAPH = dict(use_pbc=True, otf_graph=True, max_neighbors=100000, max_radius=5.0,
@@ -137,6 +137,14 @@ def test_unknown_deq_option_is_a_clear_error():
         build("deq_equiformer_v2", deq={"solver_tol": 1e-3})
     with pytest.raises(DEQConfigError, match=r"model.deq.train_solver.solver='newton'"):
         build("deq_equiformer_v2", deq={"train_solver": {"solver": "newton"}})
+
+
+def test_boolean_options_take_command_line_spellings():
+    """fairchem's overrides keep `false` (yml spelling) as the string "false", which is truthy."""
+    settings = DEQSettings.from_config({"reuse": {"enabled": "false"}, "post_norm": "True", "pre_norm": False})
+    assert settings.reuse.enabled is False and settings.post_norm is True and settings.pre_norm is False
+    with pytest.raises(DEQConfigError, match=r"model.deq.reuse.fallback must be true or false, got 'no'"):
+        DEQSettings.from_config({"reuse": {"fallback": "no"}})
 
 
 def test_dropout_inside_the_implicit_layer_is_refused():

@@ -15,6 +15,15 @@ class DEQConfigError(ValueError):
     """A bad ``model.deq`` option; the message names the key."""
 
 
+def _as_bool(value, where: str) -> bool:
+    """yml booleans, and the strings fairchem's command-line overrides leave for true/false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise DEQConfigError(f"{where} must be true or false, got {value!r}")
+
+
 def _build(cls, values: dict | None, where: str):
     values = dict(values or {})
     for key, section in getattr(cls, "_SECTIONS", {}).items():
@@ -29,6 +38,9 @@ def _build(cls, values: dict | None, where: str):
         raise DEQConfigError(
             f"unknown DEQ option(s) {unknown} in '{where}'; known options: {sorted(known)}"
         )
+    for f in fields(cls):
+        if f.type == "bool" and f.name in values:
+            values[f.name] = _as_bool(values[f.name], f"{where}.{f.name}")
     obj = cls(**values)
     obj.validate(where)
     return obj
