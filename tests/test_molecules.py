@@ -3,6 +3,7 @@ non-periodic set, free-space graphs and rotation equivariance without PBC."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -294,3 +295,27 @@ def test_predictions_on_the_toy_molecule_are_float32(trained):
     assert sorted(pred["ids"]) == sorted(f"0_{d.fid}" for d in test)
     assert pred["energy"].dtype == pred["forces"].dtype == np.float32
     assert pred["forces"].shape == (9 * len(test), 3) and np.isfinite(pred["forces"]).all()
+
+
+def test_ordered_evaluation_on_the_test_trajectory(trained):
+    """The README's molecule evaluation: validate the consecutive test frames (val pointed
+    at the test split, which the config also opens as dataset.test) with and without reuse."""
+    work, path, data_root, _ = trained
+    [checkpoint] = (work / "run" / "checkpoints").glob("*/checkpoint.pt")
+    proc = run_cli("--mode", "validate", "--config-yml", path, "--cpu", "--run-dir", work / "ordered",
+                   "--identifier", "o", "--checkpoint", checkpoint, "task.ordered_evaluation=compare",
+                   f"dataset.val.src={data_root / 'test'}", cwd=work)
+    [results] = (work / "ordered" / "results").glob("*")
+    warm = json.loads((results / "solver_ordered_val.json").read_text())
+    cold = json.loads((results / "solver_ordered_val_cold.json").read_text())
+    test = read_lmdb(data_root / "test")
+    fids = sorted(d.fid for d in test)
+    assert fids == list(range(fids[0], fids[0] + len(test)))  # one contiguous block
+    for report in (warm, cold):
+        assert report["graph_evaluations"] == len(test) and report["systems"] == 1
+        assert len(report["nstep_per_system"]["0"]) == len(test)  # one call per frame, in order
+    assert warm["reuse"] and not cold["reuse"]
+    assert warm["mean_nstep_first_call"] == cold["mean_nstep_first_call"]  # the first frame starts cold
+    # accuracy with and without reuse, both logged (val, then val_cold)
+    maes = numbers(r"forces_mae: ([0-9.e+-]+)", proc.stdout + proc.stderr)
+    assert len(maes) >= 2 and np.isfinite(maes[-2:]).all()
