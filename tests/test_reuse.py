@@ -15,7 +15,7 @@ from ase.constraints import FixAtoms
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
-from ase.optimize import BFGS
+from ase.optimize import BFGS, FIRE, LBFGS
 
 from conftest import run_cli
 from ocp_deq.calculator import DEQCalculator
@@ -214,14 +214,19 @@ def test_mixed_batch_of_warm_and_cold_graphs_equals_separate_solves(calculator, 
     assert rel < 5 * TOL
 
 
-def test_calculator_drives_bfgs_and_langevin_and_resets_on_identity_change(calculator, toy_root):
+def test_calculator_drives_ase_optimisers_and_md_and_resets_on_identity_change(calculator, toy_root):
     atoms = slab(toy_root, 0, rattle=0.03)
     atoms.calc = calculator
     fmax0 = np.abs(atoms.get_forces()).max()
     BFGS(atoms, logfile=None, maxstep=0.04).run(fmax=0.0, steps=8)
     assert calculator.last_warm == [True] and calculator.last_converged == [True]
     assert np.abs(atoms.get_forces()).max() < fmax0
+    for optimiser in (LBFGS(atoms, logfile=None, maxstep=0.04), FIRE(atoms, logfile=None, maxstep=0.04)):
+        optimiser.run(fmax=0.0, steps=3)
+        assert calculator.last_warm == [True] and calculator.last_converged == [True]
     Langevin(atoms, 1.0 * units.fs, temperature_K=300, friction=0.02, rng=np.random.default_rng(1)).run(5)
+    assert calculator.last_warm == [True] and calculator.last_residual[0] < TOL
+    VelocityVerlet(atoms, 1.0 * units.fs).run(3)
     assert calculator.last_warm == [True] and calculator.last_residual[0] < TOL
     other = slab(toy_root, 1)
     other.calc = calculator
