@@ -316,6 +316,7 @@ def test_ordered_evaluation_on_the_test_trajectory(trained):
         assert len(report["nstep_per_system"]["0"]) == len(test)  # one call per frame, in order
     assert warm["reuse"] and not cold["reuse"]
     assert warm["mean_nstep_first_call"] == cold["mean_nstep_first_call"]  # the first frame starts cold
+    assert (results / "solver_ordered_val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # accuracy with and without reuse, both logged (val, then val_cold)
     maes = numbers(r"forces_mae: ([0-9.e+-]+)", proc.stdout + proc.stderr)
     assert len(maes) >= 2 and np.isfinite(maes[-2:]).all()

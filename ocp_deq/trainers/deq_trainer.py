@@ -18,7 +18,7 @@ from ocp_deq.data.ordering import frame_ids, trajectory_batches
 from ocp_deq.models.deq_equiformer_v2 import SOLVER_STAT_KEYS
 from ocp_deq.trainers.checkpointing import ResumableCheckpoints
 from ocp_deq.trainers.distributed import all_reduce_step_metrics, log_solver_counts
-from ocp_deq.trainers.solver_report import summarise_solver_log, write_solver_report
+from ocp_deq.trainers.solver_report import plot_reuse_comparison, summarise_solver_log, write_solver_report
 
 
 class NonFiniteError(FloatingPointError):
@@ -105,9 +105,11 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             yield
         finally:
             log, self._solver_log = self._solver_log, None
+            self.last_solver_report = None
             if log and distutils.is_master():
                 report = {"reuse": reuse, **summarise_solver_log(log, time.perf_counter() - start)}
                 write_solver_report(self.config["cmd"].get("results_dir"), name, report)
+                self.last_solver_report = report
 
     @contextlib.contextmanager
     def fixed_point_reuse(self):
@@ -154,8 +156,12 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             with self.fixed_point_reuse() as cache, self.solver_report(f"ordered_{split}", cache is not None):
                 metrics = super().validate(split, disable_tqdm)
             if ordered == "compare":
+                warm = self.last_solver_report
                 with self.solver_report(f"ordered_{split}_cold", False):
                     super().validate(f"{split}_cold", disable_tqdm)
+                if warm is not None and self.last_solver_report is not None:
+                    plot_reuse_comparison(self.config["cmd"].get("results_dir"), f"ordered_{split}",
+                                          warm, self.last_solver_report)
         finally:
             self.val_loader, self.test_loader = loaders
         return metrics

@@ -55,3 +55,32 @@ def write_solver_report(results_dir: str | None, name: str, report: dict) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     return path
+
+
+def plot_reuse_comparison(results_dir: str | None, name: str, warm: dict, cold: dict) -> Path | None:
+    """``solver_<name>.png``: solver evaluations at each position along the trajectories
+    (mean over systems), with reuse and with cold starts."""
+    if results_dir is None or "nstep_per_system" not in warm or "nstep_per_system" not in cold:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, report in (("cold starts", cold), ("reuse", warm)):
+        runs = list(report["nstep_per_system"].values())
+        length = max(len(run) for run in runs)
+        mean = [np.mean([run[t] for run in runs if t < len(run)]) for t in range(length)]
+        ax.plot(mean, lw=1, label=f"{label} (mean {report['mean_nstep']:.2f})")
+    ax.set_xlabel("frame along the trajectory")
+    ax.set_ylabel("solver evaluations of f")
+    n = warm["systems"]
+    ax.set_title(f"{name}: {n} trajector{'y' if n == 1 else 'ies'}")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(results_dir) / f"solver_{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
