@@ -16,10 +16,13 @@ Counts are exact: the validation covers all 8 frames once.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from cluster_helpers import cluster_config, run_main, small_data, training_steps, validations
+from ocp_deq.data import read_lmdb
 
 TRAIN, VAL, BATCH = 16, 8, 4  # two ranks x 4 frames = one step of the 8-frame single process
 COMPARED = ("energy_mae", "forces_mae", "deq_nstep")
@@ -74,3 +77,18 @@ def test_validation_matches_one_process_and_counts_every_frame(runs):
     assert close(two_val, one_val), (two_val, one_val)
     assert f"DEQ solver: {VAL} graphs on 2 rank(s)" in two
     assert f"DEQ solver: {VAL} graphs on 1 rank(s)" in one_validate
+
+
+def test_ordered_evaluation_reports_every_ranks_trajectories(runs, tmp_path):
+    """Trajectory-ordered validation with reuse on two ranks: each rank walks its own
+    trajectories, and the solver report gathers both ranks' systems and frames."""
+    _, checkpoint, _, _ = runs
+    work = checkpoint.parents[3]
+    run_main("--mode", "validate", "--config-yml", work / "two.yml", "--cpu", "--num-gpus", 2, "--distributed",
+             "--checkpoint", checkpoint, "--run-dir", tmp_path, "--timestamp-id", "ordered",
+             "task.ordered_evaluation=true", cwd=work)
+    report = json.loads((tmp_path / "results" / "ordered" / "solver_ordered_val.json").read_text())
+    frames = read_lmdb(work / "data" / "val")
+    assert report["ranks"] == 2 and report["reuse"]
+    assert report["graph_evaluations"] == VAL
+    assert report["systems"] == len({int(frame.sid) for frame in frames})

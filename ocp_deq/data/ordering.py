@@ -38,16 +38,16 @@ def _plain(value):
 def trajectory_batches(ids: list[tuple], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """Dataset indices in batches that walk up to ``batch_size`` trajectories in step.
 
-    Trajectories are grouped ``batch_size`` at a time in sid order; groups are dealt to
-    ranks round-robin. Every frame appears exactly once over all ranks.
+    Trajectories are dealt to ranks round-robin in sid order, then grouped ``batch_size``
+    at a time on each rank. Every frame appears exactly once over all ranks.
     """
     trajectories = defaultdict(list)
     for index, (sid, fid) in enumerate(ids):
         trajectories[sid].append((fid, index))
     ordered = [[index for _, index in sorted(trajectories[sid])] for sid in sorted(trajectories)]
-    groups = [ordered[k : k + batch_size] for k in range(0, len(ordered), batch_size)]
+    mine = ordered[rank::world_size]
     batches = []
-    for group in groups[rank::world_size]:
+    for group in (mine[k : k + batch_size] for k in range(0, len(mine), batch_size)):
         for step in range(max(len(t) for t in group)):
             batches.append([t[step] for t in group if step < len(t)])
     return batches

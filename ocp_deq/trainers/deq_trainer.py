@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -98,16 +99,21 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
     # -- fixed-point reuse: relaxations and trajectory-ordered evaluation ------------------
     @contextlib.contextmanager
     def solver_report(self, name: str, reuse: bool):
-        """Collect per-call solver statistics inside the context; log them and write
-        ``<results_dir>/solver_<name>.json`` (DEQ models only)."""
+        """Collect per-call solver statistics inside the context (from every rank); log them
+        and write ``<results_dir>/solver_<name>.json`` (DEQ models only)."""
         self._solver_log, start = [], time.perf_counter()
         try:
             yield
         finally:
             log, self._solver_log = self._solver_log, None
+            if distutils.initialized() and distutils.get_world_size() > 1:  # every rank's systems
+                gathered = [None] * distutils.get_world_size()
+                torch.distributed.all_gather_object(gathered, log)
+                log = [call for rank_log in gathered for call in rank_log]
             self.last_solver_report = None
             if log and distutils.is_master():
-                report = {"reuse": reuse, **summarise_solver_log(log, time.perf_counter() - start)}
+                ranks = distutils.get_world_size() if distutils.initialized() else 1
+                report = {"reuse": reuse, **summarise_solver_log(log, time.perf_counter() - start, ranks)}
                 write_solver_report(self.config["cmd"].get("results_dir"), name, report)
                 self.last_solver_report = report
 
@@ -145,6 +151,24 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collater,
                           num_workers=self.config["optim"].get("num_workers", 0))
 
+    @contextlib.contextmanager
+    def _rank_local(self):
+        """Trajectory-ordered batches give the ranks different numbers of batches, so no
+        collective may run per batch (it would wait forever for the rank that ran out):
+        call the model without DDP (whose forward broadcasts buffers), and take each loss's
+        mean over this rank's samples (fairchem's DDPLoss all-reduces the sample count).
+        The metrics are still summed over the ranks once, at the end."""
+        wrapped, self.model = self.model, self._unwrapped_model
+        losses = [spec["fn"] for _, spec in self.loss_functions if hasattr(spec["fn"], "_ddp_mean")]
+        for loss in losses:
+            loss._ddp_mean = lambda num_samples, value: value / num_samples  # shadows the method
+        try:
+            yield
+        finally:
+            self.model = wrapped
+            for loss in losses:
+                del loss._ddp_mean
+
     def validate(self, split: str = "val", disable_tqdm: bool = False):
         ordered = self._ordered_evaluation()
         if not ordered:
@@ -153,11 +177,12 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         loaders = (self.val_loader, self.test_loader)
         self.val_loader = self.test_loader = self._trajectory_loader(dataset, f"{split} dataset")
         try:
-            with self.fixed_point_reuse() as cache, self.solver_report(f"ordered_{split}", cache is not None):
+            with self._rank_local(), self.fixed_point_reuse() as cache, \
+                    self.solver_report(f"ordered_{split}", cache is not None):
                 metrics = super().validate(split, disable_tqdm)
             if ordered == "compare":
                 warm = self.last_solver_report
-                with self.solver_report(f"ordered_{split}_cold", False):
+                with self._rank_local(), self.solver_report(f"ordered_{split}_cold", False):
                     super().validate(f"{split}_cold", disable_tqdm)
                 if warm is not None and self.last_solver_report is not None:
                     plot_reuse_comparison(self.config["cmd"].get("results_dir"), f"ordered_{split}",
@@ -170,7 +195,8 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         if not self._ordered_evaluation() or data_loader is not self.test_loader:
             return super().predict(data_loader, per_image, results_file, disable_tqdm)
         loader = self._trajectory_loader(self.test_dataset, "test dataset")
-        with self.fixed_point_reuse() as cache, self.solver_report("ordered_predict", cache is not None):
+        with self._rank_local(), self.fixed_point_reuse() as cache, \
+                self.solver_report("ordered_predict", cache is not None):
             return super().predict(loader, per_image, results_file, disable_tqdm)
 
     @property
@@ -288,6 +314,16 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         return running
 
     def _aggregate_metrics(self, metrics):
+        """fairchem all-reduces each metric in the order of the rank's dict: every rank must
+        hold the same keys in the same order, also a rank whose share of a trajectory-ordered
+        evaluation is empty (or lacks a key)."""
+        if distutils.initialized() and distutils.get_world_size() > 1:
+            keys = [None] * distutils.get_world_size()
+            torch.distributed.all_gather_object(keys, list(metrics))
+            # one dtype per entry on every rank (gloo checks sizes): float64 totals, int counts
+            metrics = {key: {"total": np.float64(float(metrics[key]["total"])) if key in metrics else np.float64(0),
+                             "numel": int(metrics[key]["numel"]) if key in metrics else 0}
+                       for key in dict.fromkeys(k for rank_keys in keys for k in rank_keys)}
         metrics = super()._aggregate_metrics(metrics)
         log_solver_counts(metrics)
         return metrics

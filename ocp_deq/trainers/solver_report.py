@@ -11,8 +11,9 @@ import numpy as np
 PER_SYSTEM_LIMIT = 1000  # keep per-system nstep sequences in the report up to this many systems
 
 
-def summarise_solver_log(log: list[dict], wall_time: float) -> dict:
-    """``log``: one entry per model call with ``sid``, ``nstep``, ``converged`` lists.
+def summarise_solver_log(log: list[dict], wall_time: float, ranks: int = 1) -> dict:
+    """``log``: one entry per model call with ``sid``, ``nstep``, ``converged`` lists, from
+    ``ranks`` processes that ran side by side for ``wall_time`` seconds.
 
     A system's first call starts cold; later calls can reuse its fixed point.
     """
@@ -32,8 +33,9 @@ def summarise_solver_log(log: list[dict], wall_time: float) -> dict:
         "mean_nstep_later_calls": float(np.mean(later)) if later else None,
         "unconverged_fraction": unconverged / graphs,
         "wall_time_s": wall_time,
-        "wall_time_per_call_s": wall_time / len(log),
-        "wall_time_per_system_s": wall_time / len(seen),
+        "ranks": ranks,
+        "wall_time_per_call_s": wall_time * ranks / len(log),
+        "wall_time_per_system_s": wall_time * ranks / len(seen),
     }
     if len(seen) <= PER_SYSTEM_LIMIT:
         report["nstep_per_system"] = {str(sid): steps for sid, steps in seen.items()}
