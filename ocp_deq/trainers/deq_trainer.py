@@ -129,7 +129,9 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             yield cache
 
     def run_relaxations(self):
-        with self.fixed_point_reuse() as cache, self.solver_report("relaxations", cache is not None):
+        # ranks whose relaxations converge early run fewer steps: no per-step collectives
+        with self._rank_local(), self.fixed_point_reuse() as cache, \
+                self.solver_report("relaxations", cache is not None):
             return super().run_relaxations()
 
     def _ordered_evaluation(self):
