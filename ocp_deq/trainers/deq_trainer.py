@@ -106,13 +106,13 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             yield
         finally:
             log, self._solver_log = self._solver_log, None
-            if distutils.initialized() and distutils.get_world_size() > 1:  # every rank's systems
-                gathered = [None] * distutils.get_world_size()
+            ranks = distutils.get_world_size() if distutils.initialized() else 1
+            if ranks > 1:  # every rank's systems
+                gathered = [None] * ranks
                 torch.distributed.all_gather_object(gathered, log)
                 log = [call for rank_log in gathered for call in rank_log]
             self.last_solver_report = None
             if log and distutils.is_master():
-                ranks = distutils.get_world_size() if distutils.initialized() else 1
                 report = {"reuse": reuse, **summarise_solver_log(log, time.perf_counter() - start, ranks)}
                 write_solver_report(self.config["cmd"].get("results_dir"), name, report)
                 self.last_solver_report = report
@@ -322,9 +322,10 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         if distutils.initialized() and distutils.get_world_size() > 1:
             keys = [None] * distutils.get_world_size()
             torch.distributed.all_gather_object(keys, list(metrics))
+            empty = {"total": 0.0, "numel": 0}
             # one dtype per entry on every rank (gloo checks sizes): float64 totals, int counts
-            metrics = {key: {"total": np.float64(float(metrics[key]["total"])) if key in metrics else np.float64(0),
-                             "numel": int(metrics[key]["numel"]) if key in metrics else 0}
+            metrics = {key: {"total": np.float64(float(metrics.get(key, empty)["total"])),
+                             "numel": int(metrics.get(key, empty)["numel"])}
                        for key in dict.fromkeys(k for rank_keys in keys for k in rank_keys)}
         metrics = super()._aggregate_metrics(metrics)
         log_solver_counts(metrics)

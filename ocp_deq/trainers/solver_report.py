@@ -64,12 +64,10 @@ def plot_reuse_comparison(results_dir: str | None, name: str, warm: dict, cold: 
     (mean over systems), with reuse and with cold starts."""
     if results_dir is None or "nstep_per_system" not in warm or "nstep_per_system" not in cold:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the user's matplotlib backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for label, report in (("cold starts", cold), ("reuse", warm)):
         runs = list(report["nstep_per_system"].values())
         length = max(len(run) for run in runs)
@@ -84,5 +82,4 @@ def plot_reuse_comparison(results_dir: str | None, name: str, warm: dict, cold: 
     fig.tight_layout()
     path = Path(results_dir) / f"solver_{name}.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
