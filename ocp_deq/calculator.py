@@ -36,9 +36,10 @@ class DEQCalculator(OCPCalculator):
         self._identity = None
         self.last_nstep = self.last_residual = self.last_converged = self.last_warm = None
         self.last_backward_converged = None
-        self.model.register_forward_hook(self._record_solve)
 
-    def _record_solve(self, module, inputs, output) -> None:
+    def _record_solve(self) -> None:
+        """The solver statistics of the model output the trainer kept from the last call."""
+        output = self.trainer.last_model_output
         self.last_nstep = output["deq_nstep"].tolist()
         self.last_residual = output["deq_residual"].tolist()
         self.last_converged = output["deq_converged"].tolist()
@@ -59,11 +60,12 @@ class DEQCalculator(OCPCalculator):
             self.reset_fixed_point()
             self._identity = identity
         if self.cache is None:
-            return super().calculate(atoms, properties, system_changes)
-        with self.model.reusing(self.cache) as cache:
-            if cache is None:  # model.deq.reuse.enabled is false
-                return super().calculate(atoms, properties, system_changes)
-            if identity is None:  # a Batch: its sids name the systems
-                return super().calculate(atoms, properties, system_changes)
-            with cache.keys([self.system_id]):
-                return super().calculate(atoms, properties, system_changes)
+            super().calculate(atoms, properties, system_changes)
+        else:
+            with self.model.reusing(self.cache) as cache:
+                if cache is None or identity is None:  # reuse disabled in the model, or a Batch (its sids name the systems)
+                    super().calculate(atoms, properties, system_changes)
+                else:
+                    with cache.keys([self.system_id]):
+                        super().calculate(atoms, properties, system_changes)
+        self._record_solve()

@@ -1,69 +1,126 @@
-"""Per-graph fixed-point solving: each row stops on its own, independent of batch partners."""
+"""Active-set per-graph solvers: each graph stops on its own, f runs only on graphs still
+iterating, iterates equal torchdeq's, gradients (IFT, phantom, BPTT) on the engine alone."""
 
 import pytest
 import torch
-from torchdeq import get_deq
+from torchdeq.solver import get_solver
 
-from ocp_deq.deq import PerGraphSolver, pack_graphs, unpack_graphs
+from fixed_point_toys import CoupledToy
+from ocp_deq.deq import SolverSettings, solve
+from ocp_deq.deq import gradients
 
-
-def test_pack_unpack_roundtrip():
-    natoms = torch.tensor([3, 1, 4])
-    batch = torch.repeat_interleave(torch.arange(3), natoms)
-    z = torch.randn(8, 4, 5)
-    packed = pack_graphs(z, batch, natoms)
-    assert packed.shape == (3, 4 * 4 * 5)
-    assert torch.equal(unpack_graphs(packed, batch, natoms, z.shape[1:]), z)
-    # padding of the 1-atom graph stays zero
-    assert torch.count_nonzero(packed[1].view(4, 4, 5)[1:]) == 0
+SOLVERS = ["anderson", "broyden", "fixed_point_iter"]
+NATOMS, RATES = [3, 1, 5], [0.3, 0.9, 0.6]
 
 
-def contraction(rates, dim=6, seed=0):
-    """Row b: z -> rates[b] * tanh(W z) + c, a contraction with factor about rates[b]."""
-    gen = torch.Generator().manual_seed(seed)
-    W = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
-    c = torch.randn(len(rates), dim, generator=gen, dtype=torch.float64)
-    rates = torch.as_tensor(rates, dtype=torch.float64)[:, None]
-    return lambda z, rows=slice(None): rates[rows] * torch.tanh(z @ W.T) + c[rows]
+def settings(name, tol=1e-8, max_iter=200):
+    return SolverSettings(solver=name, tol=tol, max_iter=max_iter, anderson_m=5)
 
 
-@pytest.mark.parametrize("base", ["anderson", "fixed_point_iter", "broyden"])
-def test_rows_stop_independently_of_batch_partners(base):
-    rates = [0.2, 0.9, 0.5]
-    f = contraction(rates)
-    solver = PerGraphSolver(base)
-    x0 = torch.zeros(3, 6, dtype=torch.float64)
-    z, _, info = solver(f, x0, max_iter=200, tol=1e-8, stop_mode="rel")
-    assert bool(info["converged"].all())
-    residual = (f(z) - z).norm(dim=1) / f(z).norm(dim=1)
-    assert bool((residual < 1e-7).all())
-    # the slowly contracting row needs more evaluations than the fast one
-    assert info["nstep"][1] > info["nstep"][0]
-    for row in range(3):
-        alone, _, alone_info = solver(lambda v, r=row: f(v, slice(r, r + 1)), x0[row : row + 1],
-                                      max_iter=200, tol=1e-8, stop_mode="rel")
-        torch.testing.assert_close(alone[0], z[row], rtol=1e-10, atol=1e-12)
-        assert alone_info["nstep"][0] == info["nstep"][row]
+def graph_nodes(g):
+    start = sum(NATOMS[:g])
+    return slice(start, start + NATOMS[g])
 
 
-def test_fixed_point_iter_stops_after_one_evaluation_at_a_converged_start():
-    f = contraction([0.5])
-    exact, _, _ = PerGraphSolver("fixed_point_iter")(f, torch.zeros(1, 6, dtype=torch.float64), max_iter=500, tol=1e-12)
-    _, _, info = PerGraphSolver("fixed_point_iter")(f, exact, max_iter=40, tol=1e-6)
-    assert info["nstep"].item() == 1
+@pytest.mark.parametrize("name", SOLVERS)
+def test_graphs_stop_on_their_own_and_match_solving_alone(name):
+    toy = CoupledToy(NATOMS, RATES)
+    out = solve(toy, toy.zeros(), settings(name))
+    assert out.converged.all()
+    residual = toy.segments.norm(toy.f(out.z) - out.z) / toy.segments.norm(toy.f(out.z))
+    assert (residual < 1e-7).all()
+    assert out.nstep[1] > out.nstep[0]  # the slowly contracting graph needs more evaluations
+    for g in range(3):
+        alone = toy.restrict(torch.tensor([g]))
+        single = solve(alone, alone.zeros(), settings(name))
+        torch.testing.assert_close(single.z, out.z[graph_nodes(g)], rtol=1e-10, atol=1e-12)
+        assert single.nstep.item() == out.nstep[g].item()
+        assert single.residual.item() == pytest.approx(out.residual[g].item(), rel=1e-6)
 
 
-def test_unconverged_rows_are_reported():
-    f = contraction([0.2, 0.99])
-    _, _, info = PerGraphSolver("fixed_point_iter")(f, torch.zeros(2, 6, dtype=torch.float64), max_iter=5, tol=1e-10)
-    assert info["converged"].tolist() == [False, False]
-    assert info["nstep"].tolist() == [5.0, 5.0]
+@pytest.mark.parametrize("name", SOLVERS)
+def test_f_runs_only_on_graphs_still_iterating(name):
+    toy = CoupledToy(NATOMS, RATES)
+    toy.calls.clear()
+    out = solve(toy, toy.zeros(), settings(name))
+    # the work done is exactly the sum of per-graph evaluation counts, not batch x slowest
+    assert out.work.graph_evaluations == sum(toy.calls) == int(out.nstep.sum())
+    assert out.work.calls == int(out.nstep.max()) and out.work.node_evaluations == int(
+        sum(n * s for n, s in zip(NATOMS, out.nstep.tolist())))
+    assert toy.calls[0] == 3 and toy.calls[-1] == int((out.nstep == out.nstep.max()).sum())
+    assert toy.calls == sorted(toy.calls, reverse=True)
 
 
-def test_registered_with_torchdeq():
-    f = contraction([0.3, 0.7])
-    deq = get_deq(f_solver="per_graph_anderson", f_max_iter=100, f_tol=1e-9, f_stop_mode="rel").eval()
-    z_out, info = deq(lambda z: f(z), torch.zeros(2, 6, dtype=torch.float64))
-    z = z_out[-1]
-    torch.testing.assert_close(f(z), z, rtol=1e-7, atol=1e-9)
-    assert info["nstep"].shape == (2,)
+@pytest.mark.parametrize("name", SOLVERS)
+def test_same_iterates_as_torchdeq_on_one_graph(name):
+    toy = CoupledToy(NATOMS, RATES).restrict(torch.tensor([1]))
+    shape = toy.zeros().shape
+    ours = solve(toy, toy.zeros(), settings(name, tol=1e-8, max_iter=100))
+
+    def flat(z):
+        return toy.f(z.view(shape)).view(1, -1)
+
+    reference, _, info = get_solver(name)(flat, torch.zeros(1, toy.zeros().numel(), dtype=torch.float64),
+                                          max_iter=100, tol=1e-8, stop_mode="rel", m=5)
+    torch.testing.assert_close(ours.z.view(1, -1), reference, rtol=1e-9, atol=1e-12)
+    # torchdeq counts Broyden's steps after its first evaluation
+    assert ours.nstep.item() == info["nstep"].item() + (1 if name == "broyden" else 0)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_converged_start_costs_one_evaluation(name):
+    toy = CoupledToy(NATOMS, RATES)
+    exact = solve(toy, toy.zeros(), settings("fixed_point_iter", tol=1e-13, max_iter=2000)).z
+    again = solve(toy, exact, settings(name, tol=1e-6))
+    assert again.nstep.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_unconverged_graphs_are_reported_with_their_best_state():
+    toy = CoupledToy([2, 2], [0.2, 0.99])
+    out = solve(toy, toy.zeros(), settings("fixed_point_iter", tol=1e-10, max_iter=5))
+    assert out.converged.tolist() == [False, False] and out.nstep.tolist() == [5.0, 5.0]
+    f_out = toy.f(out.z)
+    residual = toy.segments.norm(f_out - out.z) / toy.segments.norm(f_out)
+    assert (out.residual > 1e-10).all() and residual.shape == (2,)
+
+
+def test_kept_states_for_correction():
+    toy = CoupledToy(NATOMS, RATES)
+    out = solve(toy, toy.zeros(), settings("fixed_point_iter"), keep_steps=[2, 1000])
+    first = toy.f(toy.f(toy.zeros()))  # fixed-point iteration: state after two evaluations
+    torch.testing.assert_close(out.states[0], first)
+    torch.testing.assert_close(out.states[1], out.z)  # a step never reached keeps the final state
+
+
+def test_ift_gradient_equals_unrolled_backprop():
+    """d(sum z*^2)/dc by the active-set adjoint solve and by BPTT through fixed-point iteration."""
+    def loss_grad(method):
+        toy = CoupledToy(NATOMS, RATES)
+        toy.c.requires_grad_(True)
+        if method == "ift":
+            with torch.no_grad():
+                z_star = solve(toy, toy.zeros(), settings("anderson", tol=1e-12)).z
+            z, report = gradients.implicit(toy, z_star, settings("anderson", tol=1e-12))
+        else:
+            z, _ = gradients.unrolled(toy, toy.zeros(), settings("fixed_point_iter", tol=1e-13, max_iter=1000))
+            report = None
+        (z ** 2).sum().backward()
+        return toy.c.grad, report
+
+    ift, report = loss_grad("ift")
+    bptt, _ = loss_grad("bptt")
+    torch.testing.assert_close(ift, bptt, rtol=1e-8, atol=1e-10)
+    assert report.converged.tolist() == [True, True, True]
+    # the adjoint solve dropped graphs too: per-graph counts differ
+    assert len(set(report.solution.nstep.tolist())) > 1
+
+
+def test_phantom_gradient_is_close_to_ift():
+    toy = CoupledToy([4], [0.3])
+    toy.c.requires_grad_(True)
+    with torch.no_grad():
+        z_star = solve(toy, toy.zeros(), settings("anderson", tol=1e-12)).z
+    ift_z, _ = gradients.implicit(toy, z_star, settings("anderson", tol=1e-12))
+    ift = torch.autograd.grad((ift_z ** 2).sum(), toy.c)[0]
+    phantom = torch.autograd.grad((gradients.phantom(toy, z_star, 5, 1.0) ** 2).sum(), toy.c)[0]
+    assert torch.nn.functional.cosine_similarity(ift.flatten(), phantom.flatten(), dim=0) > 0.99

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ocp_deq.models.deq_equiformer_v2 import EquiformerFixedPoint
 from test_gradients import build, float64, molecule_batch  # noqa: F401  (fixture)
 
 LOOSE = {"solver": "anderson", "tol": 1e-6, "max_iter": 100}
@@ -34,8 +35,8 @@ def test_pre_norm_makes_f_insensitive_to_the_injection_scale():
         data = molecule_batch()
         x, graph = backbone.encode(data)
         z = torch.randn_like(x)
-        out1 = backbone.implicit_layer(z, x, graph, data.batch, 1)
-        out2 = backbone.implicit_layer(3 * z, 3 * x, graph, data.batch, 1)
+        out1 = EquiformerFixedPoint.build(backbone, x, graph, data).f(z)
+        out2 = EquiformerFixedPoint.build(backbone, 3 * x, graph, data).f(3 * z)
         return ((out1 - out2).norm() / out1.norm()).item()
 
     assert f_ratio(True) < 1e-4  # up to the norm's eps
@@ -47,8 +48,9 @@ def test_post_norm_bounds_the_output_of_f():
     torch.manual_seed(5)
     data = molecule_batch()
     x, graph = model.backbone.encode(data)
-    small = model.backbone.implicit_layer(torch.zeros_like(x), x, graph, data.batch, 1)
-    large = model.backbone.implicit_layer(100 * torch.randn_like(x), x, graph, data.batch, 1)
+    problem = EquiformerFixedPoint.build(model.backbone, x, graph, data)
+    small = problem.f(torch.zeros_like(x))
+    large = problem.f(100 * torch.randn_like(x))
     # the output's scale is set by the norm, not by the input
     assert 0.2 < large.norm() / small.norm() < 5
 

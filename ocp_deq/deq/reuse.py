@@ -91,6 +91,18 @@ class FixedPointCache:
         while len(self._entries) > int(self.settings.max_systems):
             self._entries.popitem(last=False)
 
+    def starts(self, keys: list, numbers: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start states [N, ...] for a batch (zeros where cold) and the warm graphs [B]."""
+        starts = [self.start(key, n) for key, n in zip(keys, numbers)]
+        warm = torch.tensor([s is not None for s in starts], device=like.device)
+        z0 = torch.cat([like.new_zeros((len(n), *like.shape[1:])) if s is None else s.to(like)
+                        for s, n in zip(starts, numbers)])
+        return z0, warm
+
+    def store_all(self, keys: list, numbers: list, fixed_point: torch.Tensor) -> None:
+        for key, n, z in zip(keys, numbers, torch.split(fixed_point, [len(n) for n in numbers])):
+            self.store(key, n, z)
+
     def record(self, stats: dict) -> None:
         self.last = stats
         if self.history is not None:

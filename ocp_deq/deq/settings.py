@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 GRADIENTS = ("phantom", "ift", "bptt")
@@ -28,9 +28,13 @@ def _build(cls, values: dict | None, where: str):
     values = dict(values or {})
     for key, section in getattr(cls, "_SECTIONS", {}).items():
         if key in values:
+            if values[key] is None and cls.__dataclass_fields__[key].default is None:
+                continue
             if not isinstance(values[key], dict):
                 raise DEQConfigError(f"{where}.{key} must be a mapping of options")
-            default = asdict(cls.__dataclass_fields__[key].default_factory())
+            spec = cls.__dataclass_fields__[key]
+            base = spec.default_factory() if spec.default_factory is not MISSING else None
+            default = asdict(base if base is not None else section())
             values[key] = _build(section, {**default, **values[key]}, f"{where}.{key}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
@@ -48,7 +52,8 @@ def _build(cls, values: dict | None, where: str):
 
 @dataclass
 class SolverSettings:
-    """One forward fixed-point solve: which torchdeq solver, when to stop."""
+    """One fixed-point solve: which solver (``ocp_deq.deq.solvers``), when to stop; ``max_iter``
+    counts evaluations of f."""
 
     solver: str = "anderson"
     tol: float = 1e-2
@@ -57,8 +62,6 @@ class SolverSettings:
     anderson_m: int = 5
 
     def validate(self, where: str) -> None:
-        if self.solver == "anderson" and int(self.max_iter) < 3:
-            raise DEQConfigError(f"{where}.max_iter must be >= 3 for anderson (it evaluates f twice before mixing)")
         if self.solver not in SOLVERS:
             raise DEQConfigError(f"{where}.solver='{self.solver}' must be one of {SOLVERS}")
         if self.stop_mode not in STOP_MODES:
@@ -103,24 +106,18 @@ START_STRATEGIES = ("plain", "extrapolate")
 class ReuseSettings:
     """Warm starts from a system's previous fixed point (relaxations, MD, ordered evaluation).
 
-    ``solver`` serves warm starts: by default one plain fixed-point evaluation, which stops
-    there when the start is already converged (Anderson cannot stop before its third).
+    ``solver`` serves warm-started graphs (default null: ``eval_solver``, as for cold ones;
+    the residual is checked after every evaluation, so a converged start costs one).
     Graphs it leaves unconverged are finished by ``eval_solver`` from where it stopped when
-    ``fallback`` is on. Measured on the toy checkpoints (mean evaluations per step, cold
-    11.4 / 11.2 / 9.9): slab MD, slab relaxations, molecule test trajectory: 1 evaluation +
-    fallback 4.7 / 3.4 / 8.7; Anderson alone 4.0 / 4.1 / 8.2; 2 evaluations + fallback
-    6.5 / 4.2 / 9.1; 8 evaluations + fallback 5.9 / 3.8 / 12.9 (slow contraction wastes them).
-    ``start``: the last fixed point (``plain``) or the linear extrapolation of the last two
-    (``extrapolate``).
+    ``fallback`` is on. ``start``: the last fixed point (``plain``) or the linear
+    extrapolation of the last two (``extrapolate``).
     """
 
     enabled: bool = True
     max_systems: int = 10000
     start: str = "plain"
     fallback: bool = True
-    solver: SolverSettings = field(
-        default_factory=lambda: SolverSettings(solver="fixed_point_iter", tol=1e-2, max_iter=1)
-    )
+    solver: SolverSettings | None = None
 
     _SECTIONS = {"solver": SolverSettings}
 

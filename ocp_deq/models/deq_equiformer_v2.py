@@ -9,55 +9,130 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch_geometric.data import Batch
 from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HydraModel
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
 from fairchem.core.models.equiformer_v2.layer_norm import get_normalization_layer
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding
-from torchdeq.dropout import VariationalDropout, reset_dropout
-from torchdeq.grad import backward_factory
-from torchdeq.loss import jac_reg
 from torchdeq.norm import apply_norm, reset_norm
-from torchdeq.utils.layer_utils import DEQWrapper
 
-from ocp_deq.deq import DEQSettings, PerGraphSolver, pack_graphs, unpack_graphs
+from ocp_deq.deq import DEQSettings, SOLVER_STAT_KEYS, Segments, equilibrium
 from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
 from ocp_deq.models.edge_frames import attach_position_gradient
 
 _STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
+FORCE_MODES = ("direct", "conservative")
 
 
-def _solver_kwargs(solver: SolverSettings) -> dict:
-    kwargs = dict(max_iter=int(solver.max_iter), tol=float(solver.tol), stop_mode=solver.stop_mode)
-    if solver.solver == "anderson":
-        kwargs["m"] = int(solver.anderson_m)
-    return kwargs
+class _Given(torch.nn.Module):
+    """Stands in for a radial function whose output was computed once per forward."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, _):
+        return self.value
 
 
-def unrolled_solve(f, z, solver: SolverSettings):
-    """Plain fixed-point iteration *with* autograd (BPTT), each graph frozen once converged."""
-    tol, max_iter = float(solver.tol), int(solver.max_iter)
-    active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    nstep = torch.zeros(z.shape[0], device=z.device)
-    residual = torch.full((z.shape[0],), float("inf"), device=z.device)
-    for _ in range(max_iter):
-        fz = f(z)
-        diff = (fz - z).detach().norm(dim=1)
-        res = diff / (fz.detach().norm(dim=1) + 1e-9) if solver.stop_mode == "rel" else diff
-        z = torch.where(active[:, None], fz, z)
-        residual = torch.where(active, res, residual)
-        nstep = nstep + active.float()
-        active = active & (res >= tol)
-        if not active.any():
-            break
-    return z, {"nstep": nstep, "rel_lowest": residual, "converged": ~active}
+@contextlib.contextmanager
+def _edge_features_given(attention, features: dict):
+    """Run fairchem's attention with its graph-only edge features (atom-type edge embeddings
+    and radial functions of the SO(2) convolution) taken from ``features``."""
+    conv = attention.so2_conv_1
+    saved = attention.use_atom_edge_embedding, conv.rad_func, getattr(attention, "rad_func", None)
+    attention.use_atom_edge_embedding = False
+    if features["conv"] is not None:
+        conv.rad_func = _Given(features["conv"])
+    if features["shared"] is not None:
+        attention.rad_func = _Given(features["shared"])
+    try:
+        yield
+    finally:
+        attention.use_atom_edge_embedding, conv.rad_func = saved[0], saved[1]
+        if features["shared"] is not None:
+            attention.rad_func = saved[2]
 
 
-def per_graph_sum(values: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
-    return values.new_zeros(num_graphs).index_add_(0, batch, values)
+def _edge_features(attention, graph) -> dict:
+    """What fairchem's attention computes from the graph alone, once per forward."""
+    x_edge = graph.edge_distance
+    if attention.use_atom_edge_embedding:
+        numbers = graph.atomic_numbers_full
+        x_edge = torch.cat((x_edge, attention.source_embedding(numbers[graph.edge_index[0]]),
+                            attention.target_embedding(numbers[graph.edge_index[1]])), dim=1)
+    conv = attention.so2_conv_1.rad_func
+    return {"conv": conv(x_edge) if conv is not None else None,
+            "shared": attention.rad_func(x_edge) if attention.use_m_share_rad else None}
+
+
+class EquiformerFixedPoint:
+    """f(z) = post_norm(blocks(inject(z, x))) on some graphs of a batch.
+
+    Everything that depends only on the graph is computed once per forward and sliced, not
+    recomputed, when graphs leave the solve: edges, Wigner matrices, the atom-type edge
+    embeddings and radial functions of every block, each graph's |x|, the dropout mask.
+    """
+
+    def __init__(self, backbone, x, segments: Segments, edge_index, wigners, features, x_norm, dropout_mask):
+        self.backbone, self.x, self.segments = backbone, x, segments
+        self.edge_index, self.wigners, self.features = edge_index, wigners, features
+        self.x_norm, self.dropout_mask = x_norm, dropout_mask
+        self.no_edges = x.new_empty((edge_index.shape[1], 0))
+
+    @classmethod
+    def build(cls, backbone, x, graph, data) -> "EquiformerFixedPoint":
+        segments = Segments(data.batch, data.natoms.numel())
+        wigners = [(rotation.wigner, rotation.wigner_inv) for rotation in backbone.SO3_rotation]
+        features = [_edge_features(block.ga, graph) for block in backbone.blocks]
+        p = backbone.deq_settings.variational_dropout
+        mask = None
+        if p and backbone.training:
+            mask = torch.bernoulli(torch.full_like(x, 1 - p)) / (1 - p)
+        x_norm = segments.norm(x) if backbone.deq_settings.injection == "add_rescale" else None
+        return cls(backbone, x, segments, graph.edge_index, wigners, features, x_norm, mask)
+
+    def bind(self) -> None:
+        """Point fairchem's shared rotation modules at this problem's Wigner matrices."""
+        for rotation, (wigner, wigner_inv) in zip(self.backbone.SO3_rotation, self.wigners):
+            rotation.wigner, rotation.wigner_inv = wigner, wigner_inv
+
+    def inject(self, z: torch.Tensor) -> torch.Tensor:
+        """z + x, rescaled per graph to the norm of that graph's x (never across graphs)."""
+        u = z + self.x
+        if self.x_norm is None:
+            return u
+        scale = self.x_norm / (self.segments.norm(u) + 1e-8)
+        return u * self.segments.expand(scale, u)
+
+    def f(self, z: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        self.bind()
+        h = SO3_Embedding(0, bb.lmax_list, bb.sphere_channels, bb.device, bb.dtype)
+        u = self.inject(z)
+        h.set_embedding(bb.deq_pre_norm(u) if bb.deq_pre_norm is not None else u)
+        for block, features in zip(bb.blocks, self.features):
+            with _edge_features_given(block.ga, features):
+                h = block(h, None, self.no_edges, self.edge_index, batch=self.segments.batch)
+        out = h.embedding
+        if self.dropout_mask is not None:
+            out = out * self.dropout_mask
+        return bb.deq_post_norm(out) if bb.deq_post_norm is not None else out
+
+    def restrict(self, graphs: torch.Tensor) -> "EquiformerFixedPoint":
+        segments, nodes = self.segments.restrict(graphs)
+        renumber = torch.full((self.segments.num_nodes,), -1, dtype=torch.long, device=nodes.device)
+        renumber[nodes] = torch.arange(nodes.numel(), device=nodes.device)
+        edges = (renumber[self.edge_index[1]] >= 0).nonzero().flatten()
+        return EquiformerFixedPoint(
+            self.backbone, self.x[nodes], segments, renumber[self.edge_index[:, edges]],
+            [(w[edges], w_inv[edges]) for w, w_inv in self.wigners],
+            [{k: (v[edges] if v is not None else None) for k, v in feats.items()} for feats in self.features],
+            None if self.x_norm is None else self.x_norm[graphs],
+            None if self.dropout_mask is None else self.dropout_mask[nodes],
+        )
 
 
 @registry.register_model("deq_equiformer_v2_backbone")
@@ -86,7 +161,6 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
 
         self.deq_pre_norm = norm_layer() if settings.pre_norm else None
         self.deq_post_norm = norm_layer() if settings.post_norm else None
-        self.deq_dropout = VariationalDropout(settings.variational_dropout) if settings.variational_dropout else None
         if settings.weight_norm or settings.spectral_norm:
             apply_norm(self.blocks, norm_type="weight_norm" if settings.weight_norm else "spectral_norm")
 
@@ -129,124 +203,40 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
         )
         return x.embedding + edge_degree.embedding, graph
 
-    # -- implicit layer --------------------------------------------------------------
-    def inject(self, z: torch.Tensor, x: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
-        """z + x, rescaled per graph to the norm of that graph's x (never across graphs)."""
-        u = z + x
-        if self.deq_settings.injection == "add":
-            return u
-        x_norm = per_graph_sum(x.pow(2).flatten(1).sum(1), batch, num_graphs).sqrt()
-        u_norm = per_graph_sum(u.pow(2).flatten(1).sum(1), batch, num_graphs).sqrt()
-        scale = x_norm / (u_norm + 1e-8)
-        return u * scale[batch].view(-1, *([1] * (u.dim() - 1)))
-
-    def implicit_layer(self, z: torch.Tensor, x: torch.Tensor, graph, batch, num_graphs) -> torch.Tensor:
-        h = SO3_Embedding(0, self.lmax_list, self.sphere_channels, self.device, self.dtype)
-        u = self.inject(z, x, batch, num_graphs)
-        h.set_embedding(self.deq_pre_norm(u) if self.deq_pre_norm is not None else u)
-        for block in self.blocks:
-            h = block(
-                h,
-                graph.atomic_numbers_full,
-                graph.edge_distance,
-                graph.edge_index,
-                batch=batch,
-                node_offset=graph.node_offset,
-            )
-        out = h.embedding
-        if self.deq_dropout is not None:
-            out = self.deq_dropout(out)
-        return self.deq_post_norm(out) if self.deq_post_norm is not None else out
-
-    def solve(self, x: torch.Tensor, graph, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
-        """Find z* per graph and attach the configured gradient.
-
-        Returns (z* [N, ...], extra states for fixed-point correction, stats per graph).
-        Gradients flow only when autograd is on and either training or positions require
-        grad (conservative forces); derivatives w.r.t. positions always use an exact path
-        (IFT, or BPTT when chosen), phantom gradients only serve parameters.
-        """
-        settings = self.deq_settings
-        batch, natoms = data.batch, data.natoms
-        num_graphs, feat_shape = natoms.numel(), x.shape[1:]
-        solver = solver or (settings.train_solver if self.training else settings.eval_solver)
-
-        def f(packed):
-            z = unpack_graphs(packed, batch, natoms, feat_shape)
-            return pack_graphs(self.implicit_layer(z, x, graph, batch, num_graphs), batch, natoms)
-
-        z_init = pack_graphs(torch.zeros_like(x) if z0 is None else z0.to(x.dtype), batch, natoms)
-        needs_grad = torch.is_grad_enabled() and (self.training or data.pos.requires_grad)
-        mode = settings.gradient
-        if mode == "phantom" and data.pos.requires_grad:
-            mode = "ift"
-        states, backward_solver = [], None
-        if needs_grad and mode == "bptt":
-            z, info = unrolled_solve(f, z_init, solver)
-        else:
-            n_states = int(settings.correction.n_states) if (self.training and needs_grad) else 1
-            indexing = _spread(solver, n_states)
-            with torch.no_grad():
-                z, trajectory, info = PerGraphSolver(solver.solver)(f, z_init, indexing=indexing, **_solver_kwargs(solver))
-            if needs_grad:
-                wrapped = DEQWrapper(f, None)
-                if mode == "ift":
-                    backward = self.deq_settings.backward_solver
-                    backward_solver = PerGraphSolver(backward.solver)
-                    attach = backward_factory(
-                        grad_type="ift", b_solver=backward_solver, b_solver_kwargs=_solver_kwargs(backward)
-                    )
-                    z = attach(None, wrapped, z.detach())[-1]
-                phantom = backward_factory(grad_type=int(settings.grad_steps), tau=float(settings.grad_tau))
-                if mode == "phantom":
-                    z = phantom(None, wrapped, z.detach())[-1]
-                # correction states always use phantom steps (their own fixed points do not exist)
-                states = [phantom(None, wrapped, s.detach())[-1] for s in trajectory[:-1]]
-        z_star = unpack_graphs(z, batch, natoms, feat_shape)
-        states = [unpack_graphs(s, batch, natoms, feat_shape) for s in states]
-        stats = {
-            "deq_nstep": info["nstep"].detach().float(),
-            "deq_residual": info["rel_lowest"].detach(),
-            "deq_converged": info["converged"].detach(),
-            "deq_backward_solver": backward_solver,  # its last_stat: after autograd ran the IFT solve
-        }
-        if needs_grad and self.training and self._jacobian_due():
-            zj = z.detach().requires_grad_()
-            stats["deq_jac_loss"] = jac_reg(f(zj), zj, vecs=int(settings.jacobian.vectors))
-        return z_star, states, stats
-
-    def _jacobian_due(self) -> bool:
-        jac = self.deq_settings.jacobian
-        return jac.weight > 0 and (jac.freq >= 1 or torch.rand(()).item() < jac.freq)
-
     def read_out(self, z: torch.Tensor) -> SO3_Embedding:
         node = SO3_Embedding(0, self.lmax_list, self.sphere_channels, self.device, self.dtype)
         node.set_embedding(self.norm(z))
         return node
 
-    def forward(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
+    def forward(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None,
+                cache: FixedPointCache | None = None):
+        """z* per graph with the configured gradient (``ocp_deq.deq.engine``).
+
+        Gradients flow when autograd is on and either training or positions require grad
+        (conservative forces); derivatives w.r.t. positions always use an exact path (IFT,
+        or BPTT when chosen), phantom gradients only serve parameters. ``cache``: warm
+        starts per system (evaluation only).
+        """
         reset_norm(self.blocks)
-        reset_dropout(self)
         x, graph = self.encode(data)
-        z_star, states, stats = self.solve(x, graph, data, z0=z0, solver=solver)
+        problem = EquiformerFixedPoint.build(self, x, graph, data)
+        exact = data.pos.requires_grad
+        keys = numbers = None
+        if cache is not None:
+            keys = cache.keys_for(data)
+            numbers = list(torch.split(data.atomic_numbers.long(), data.natoms.tolist()))
+        eq = equilibrium(problem, self.deq_settings, x, training=self.training,
+                         needs_grad=torch.is_grad_enabled() and (self.training or exact), exact_grad=exact,
+                         z0=z0, solver=solver, cache=cache, keys=keys, numbers=numbers)
+        problem.bind()  # the heads rotate edges with the whole batch's Wigner matrices
         return {
-            "node_embedding": self.read_out(z_star),
+            "node_embedding": self.read_out(eq.z),
             "graph": graph,
-            "fixed_point": z_star,
-            "correction_embeddings": [self.read_out(s) for s in states],
-            **stats,
+            "fixed_point": eq.z,
+            "correction_embeddings": [self.read_out(s) for s in eq.states],
+            "equilibrium": eq,
+            **eq.stats(),
         }
-
-
-def _spread(solver: SolverSettings, n_states: int) -> list[int] | None:
-    """Solver steps at which to keep states for fixed-point correction (last = final)."""
-    if n_states <= 1:
-        return None
-    step = max(int(solver.max_iter) // n_states, 1)
-    return [step * (k + 1) for k in range(n_states - 1)] + [int(solver.max_iter) + 1]
-
-SOLVER_STAT_KEYS = ("deq_nstep", "deq_residual", "deq_converged")
-FORCE_MODES = ("direct", "conservative")
 
 
 @registry.register_model("deq_equiformer_v2")
@@ -318,99 +308,26 @@ class DEQEquiformerV2(HydraModel):
         cache = self.fixed_point_cache
         if reuse and cache is None:
             raise RuntimeError("reuse=True needs an active fixed-point cache: use `with model.reusing(): ...`")
-        if cache is not None and reuse is not False and z0 is None and not self.training:
-            return self._forward_reusing(data, cache)
-        return self._solve_and_predict(data, z0, solver)
-
-    def _forward_reusing(self, data, cache: FixedPointCache) -> dict:
-        settings = self.backbone.deq_settings.reuse
-        keys = cache.keys_for(data)
-        numbers = torch.split(data.atomic_numbers.long(), data.natoms.tolist())
-        starts = [cache.start(key, n) for key, n in zip(keys, numbers)]
-        warm = torch.tensor([s is not None for s in starts], device=data.natoms.device)
-        if warm.all():
-            out = self._solve_and_predict(data, torch.cat(starts), settings.solver)
-        elif not warm.any():
-            out = self._solve_and_predict(data)
-        else:
-            warm_z0 = torch.cat([s for s in starts if s is not None])
-            out = _merge_graphs(data, [
-                (warm.nonzero().flatten(), self._on_graphs(data, warm.nonzero().flatten(), warm_z0, settings.solver)),
-                ((~warm).nonzero().flatten(), self._on_graphs(data, (~warm).nonzero().flatten())),
-            ])
-        retry = (warm & ~out["deq_converged"]).nonzero().flatten()
-        if settings.fallback and retry.numel():  # finish what the warm-start solver left
-            node_mask = torch.isin(data.batch, retry)
-            again = self._on_graphs(data, retry, out["fixed_point"][node_mask])
-            again["deq_nstep"] = again["deq_nstep"] + out["deq_nstep"][retry]
-            keep = (~torch.isin(torch.arange(len(keys), device=retry.device), retry)).nonzero().flatten()
-            out = _merge_graphs(data, [(retry, again), (keep, _select_graphs(data, out, keep))])
-        for key, n, z in zip(keys, numbers, torch.split(out["fixed_point"], data.natoms.tolist())):
-            cache.store(key, n, z)
-        cache.record({
-            "keys": keys,
-            "warm": warm.cpu(),
-            **{name: out[name].detach().cpu() for name in SOLVER_STAT_KEYS},
-        })
-        return out
-
-    def _on_graphs(self, data, graphs: torch.Tensor, z0=None, solver=None) -> dict:
-        """Solve and predict for a subset of the batch's graphs (its own sub-batch)."""
-        return self._solve_and_predict(_sub_batch(data, graphs), z0, solver)
-
-    def _solve_and_predict(self, data, z0: torch.Tensor | None = None, solver: SolverSettings | None = None):
+        if reuse is False or z0 is not None or self.training:
+            cache = None
         conservative = self.regress_forces and self.force_mode == "conservative"
         with torch.enable_grad() if conservative else contextlib.nullcontext():
             if conservative:
                 data.pos.requires_grad_(True)
-            emb = self.backbone(data, z0=z0, solver=solver)
+            emb = self.backbone(data, z0=z0, solver=solver, cache=cache)
             out = self.predict(data, emb)
             if conservative:
                 create_graph = self.training
                 out["forces"] = -torch.autograd.grad(out["energy"].sum(), data.pos, create_graph=create_graph)[0]
-                backward = emb["deq_backward_solver"]
-                if backward is not None and backward.last_stat is not None:  # IFT, not BPTT
-                    out["deq_backward_converged"] = backward.last_stat["converged"].detach()
+                backward = emb["equilibrium"].backward
+                if backward is not None and backward.converged is not None:  # IFT, not BPTT
+                    out["deq_backward_converged"] = backward.converged.detach()
                 if not create_graph:
                     out = {key: value.detach() for key, value in out.items()}
-        out.update({key: emb[key] for key in SOLVER_STAT_KEYS})
+        out.update({key: emb[key] for key in (*SOLVER_STAT_KEYS, "deq_work")})
         out["fixed_point"] = emb["fixed_point"].detach()
         if self.training:
             out["deq_correction"] = [self.predict(data, {**emb, "node_embedding": e}) for e in emb["correction_embeddings"]]
-            if "deq_jac_loss" in emb:
-                out["deq_jac_loss"] = emb["deq_jac_loss"]
+            if emb["equilibrium"].jacobian_loss is not None:
+                out["deq_jac_loss"] = emb["equilibrium"].jacobian_loss
         return out
-
-
-_NODE_KEYS = ("forces", "fixed_point")
-
-
-def _sub_batch(data: Batch, graphs: torch.Tensor) -> Batch:
-    """A new batch of some of ``data``'s graphs. fairchem's graph generation reshapes a
-    batch's ``pbc`` [3B] to [1, 3B] in place; undo that on a copy so PyG can slice it."""
-    source = data.clone()
-    if torch.is_tensor(getattr(source, "pbc", None)):
-        source.pbc = source.pbc.reshape(-1)
-    return Batch.from_data_list(source.index_select(graphs.tolist()))
-
-
-def _select_graphs(data, out: dict, graphs: torch.Tensor) -> dict:
-    """The outputs of ``graphs`` only (per-graph and per-node entries)."""
-    node_mask = torch.isin(data.batch, graphs)
-    return {key: value[node_mask] if key in _NODE_KEYS else value[graphs] for key, value in out.items()}
-
-
-def _merge_graphs(data, parts: list) -> dict:
-    """Outputs of sub-batches ``(graph indices, outputs)`` put back in the batch's order."""
-    merged = {}
-    for graphs, out in parts:
-        node_mask = torch.isin(data.batch, graphs)
-        for key, value in out.items():
-            if key in _NODE_KEYS:
-                rows, index = data.batch.numel(), node_mask.nonzero().flatten()
-            else:
-                rows, index = data.natoms.numel(), graphs
-            if key not in merged:
-                merged[key] = value.new_zeros((rows, *value.shape[1:]))
-            merged[key][index] = value
-    return merged

@@ -16,7 +16,7 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
 from ocp_deq.data.ordering import frame_ids, trajectory_batches
-from ocp_deq.models.deq_equiformer_v2 import SOLVER_STAT_KEYS
+from ocp_deq.deq import SOLVER_STAT_KEYS
 from ocp_deq.trainers.checkpointing import ResumableCheckpoints
 from ocp_deq.trainers.distributed import all_reduce_step_metrics, log_solver_counts
 from ocp_deq.trainers.solver_report import plot_reuse_comparison, summarise_solver_log, write_solver_report
@@ -85,16 +85,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
 
     def load_model(self) -> None:
         super().load_model()
-        self._model_out, self._nonfinite, self._nonfinite_on_any_rank = None, None, False
-        self._unwrapped_model.register_forward_hook(self._capture_model_output)
-
-    def _capture_model_output(self, module, inputs, output):
-        self._model_out = output if isinstance(output, dict) else None
-        log = getattr(self, "_solver_log", None)
-        if log is not None and self._model_out is not None and "deq_nstep" in output:
-            sid = getattr(inputs[0], "sid", None)
-            sids = sid.tolist() if torch.is_tensor(sid) else list(sid) if sid is not None else [None] * len(output["deq_nstep"])
-            log.append({"sid": sids, "nstep": output["deq_nstep"].tolist(), "converged": output["deq_converged"].tolist()})
+        self.last_model_output, self._nonfinite, self._nonfinite_on_any_rank = None, None, False
 
     # -- fixed-point reuse: relaxations and trajectory-ordered evaluation ------------------
     @contextlib.contextmanager
@@ -224,15 +215,36 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         return super().get_dataloader(dataset, sampler, workers)
 
     def _forward(self, batch):
-        out = super()._forward(batch)
+        """fairchem's forward, keeping the model's whole output dict (solver statistics, DEQ
+        loss terms) in ``last_model_output``: fairchem keeps only the predicted targets."""
+        model, self.last_model_output = self.model, None
+
+        def call(data):
+            out = model(data)
+            self.last_model_output = out if isinstance(out, dict) else None
+            return out
+
+        self.model = call
+        try:
+            out = super()._forward(batch)
+        finally:
+            self.model = model
+        self._log_solve(batch)
         self._nonfinite = self._find_nonfinite(out, batch)
         return out
+
+    def _log_solve(self, batch) -> None:
+        log, out = getattr(self, "_solver_log", None), self.last_model_output or {}
+        if log is not None and "deq_nstep" in out:
+            sid = getattr(batch, "sid", None)
+            sids = sid.tolist() if torch.is_tensor(sid) else list(sid) if sid is not None else [None] * len(out["deq_nstep"])
+            log.append({"sid": sids, "nstep": out["deq_nstep"].tolist(), "converged": out["deq_converged"].tolist()})
 
     def _find_nonfinite(self, out, batch) -> str | None:
         """Which outputs are NaN/inf, and for which systems (sid)."""
         bad = torch.zeros(batch.natoms.numel(), dtype=torch.bool, device=batch.natoms.device)
         what = []
-        model_out = self._model_out or {}
+        model_out = self.last_model_output or {}
         for key, value in [*out.items(), ("fixed point residual", model_out.get("deq_residual"))]:
             if value is None:
                 continue
@@ -257,7 +269,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
 
     def _compute_loss(self, out, batch):
         loss = super()._compute_loss(out, batch)
-        settings, model_out = self.deq_settings, self._model_out or {}
+        settings, model_out = self.deq_settings, self.last_model_output or {}
         if settings is not None and self._unwrapped_model.training:
             states = model_out.get("deq_correction", [])
             for k, state in enumerate(states):
@@ -294,7 +306,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             logging.warning(f"{self._nonfinite} (evaluation)")
         running = metrics  # in training: this step's metrics alone first, summed over the ranks below
         metrics = super()._compute_metrics(out, batch, evaluator, {} if training else metrics)
-        model_out = self._model_out or {}
+        model_out = self.last_model_output or {}
         if all(key in model_out for key in SOLVER_STAT_KEYS):
             n = int(model_out["deq_nstep"].numel())
             for key, values in (

@@ -1,0 +1,117 @@
+"""One DEQ forward: start states, per-graph solve, gradient attachment, statistics.
+
+The network supplies a :class:`~ocp_deq.deq.problem.FixedPointProblem` (its f with all
+graph-only work done once); everything about finding and differentiating z* is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torchdeq.loss import jac_reg
+
+from ocp_deq.deq import gradients
+from ocp_deq.deq.problem import FixedPointProblem
+from ocp_deq.deq.reuse import FixedPointCache
+from ocp_deq.deq.settings import DEQSettings, SolverSettings
+from ocp_deq.deq.solvers import Solution, solve
+
+# Per-graph solver statistics in every DEQ model output.
+SOLVER_STAT_KEYS = ("deq_nstep", "deq_residual", "deq_converged")
+
+
+@dataclass
+class Equilibrium:
+    z: torch.Tensor  # z* [N, ...], carrying the configured gradient
+    solution: Solution  # per-graph statistics and the solve's cost
+    states: list = field(default_factory=list)  # earlier states for fixed-point correction losses
+    backward: gradients.BackwardReport | None = None  # IFT: filled when autograd runs
+    jacobian_loss: torch.Tensor | None = None
+    warm: torch.Tensor | None = None  # graphs started from a cached fixed point
+
+    def stats(self) -> dict:
+        s = self.solution
+        return {"deq_nstep": s.nstep.detach().float(), "deq_residual": s.residual.detach(),
+                "deq_converged": s.converged.detach(), "deq_work": s.work}
+
+
+def correction_steps(solver: SolverSettings, n_states: int) -> list[int]:
+    """Evaluation counts at which to keep states for fixed-point correction (final excluded)."""
+    if n_states <= 1:
+        return []
+    step = max(int(solver.max_iter) // n_states, 1)
+    return [step * (k + 1) for k in range(n_states - 1)]
+
+
+def solve_from_starts(problem: FixedPointProblem, z0: torch.Tensor, warm: torch.Tensor | None,
+                      settings: DEQSettings, solver: SolverSettings, keep_steps=()) -> Solution:
+    """Cold graphs with ``solver``; warm ones with ``reuse.solver`` (and ``solver`` after it
+    where it stopped unconverged, with ``reuse.fallback``). One problem, no re-encoding."""
+    reuse = settings.reuse
+    warm_solver = reuse.solver or solver
+    if warm is None or not warm.any() or warm_solver == solver:
+        return solve(problem, z0, solver, keep_steps)
+    segments = problem.segments
+    out = Solution.empty(z0, segments.num_graphs, len(keep_steps))
+    for mask, part_solver in ((warm, warm_solver), (~warm, solver)):
+        if mask.any():
+            graphs, nodes = mask.nonzero().flatten(), segments.node_mask(mask)
+            out.put(graphs, nodes, solve(problem.restrict(graphs), z0[nodes], part_solver, keep_steps))
+    retry = warm & ~out.converged
+    if reuse.fallback and retry.any():
+        graphs, nodes = retry.nonzero().flatten(), segments.node_mask(retry)
+        out.put(graphs, nodes, solve(problem.restrict(graphs), out.z[nodes], solver, keep_steps), add_steps=True)
+    return out
+
+
+def equilibrium(problem: FixedPointProblem, settings: DEQSettings, like: torch.Tensor, *,
+                training: bool, needs_grad: bool, exact_grad: bool,
+                z0: torch.Tensor | None = None, solver: SolverSettings | None = None,
+                cache: FixedPointCache | None = None, keys: list | None = None, numbers: list | None = None) -> Equilibrium:
+    """Find z* of every graph and attach gradients.
+
+    ``needs_grad``: autograd wants gradients (training, or conservative forces);
+    ``exact_grad``: derivatives w.r.t. inputs are taken (positions), so phantom gradients
+    give way to IFT. ``cache`` (evaluation only): warm starts per system ``keys`` with
+    atomic ``numbers``; the fixed points found are stored back.
+    """
+    solver = solver or (settings.train_solver if training else settings.eval_solver)
+    warm = None
+    if z0 is None and cache is not None:
+        z0, warm = cache.starts(keys, numbers, like)
+    if z0 is None:
+        z0 = torch.zeros_like(like)
+    z0 = z0.to(like.dtype)
+    mode = settings.gradient
+    if mode == "phantom" and exact_grad:
+        mode = "ift"
+    if needs_grad and mode == "bptt":
+        z, solution = gradients.unrolled(problem, z0, solver)
+        result = Equilibrium(z, solution, warm=warm)
+    else:
+        n_states = int(settings.correction.n_states) if (training and needs_grad) else 1
+        with torch.no_grad():
+            solution = solve_from_starts(problem, z0, warm, settings, solver, correction_steps(solver, n_states))
+        result = Equilibrium(solution.z, solution, warm=warm)
+        if needs_grad:
+            if mode == "ift":
+                result.z, result.backward = gradients.implicit(problem, solution.z, settings.backward_solver)
+            else:
+                result.z = gradients.phantom(problem, solution.z, settings.grad_steps, settings.grad_tau)
+            # correction states always use phantom steps (their own fixed points do not exist)
+            result.states = [gradients.phantom(problem, s, settings.grad_steps, settings.grad_tau)
+                             for s in solution.states]
+    if needs_grad and training and _jacobian_due(settings):
+        zj = solution.z.detach().requires_grad_()
+        result.jacobian_loss = jac_reg(problem.f(zj), zj, vecs=int(settings.jacobian.vectors))
+    if cache is not None:
+        cache.store_all(keys, numbers, solution.z)
+        cache.record({"keys": keys, "warm": warm.cpu(),
+                      **{k: v.cpu() for k, v in result.stats().items() if k in SOLVER_STAT_KEYS}})
+    return result
+
+
+def _jacobian_due(settings: DEQSettings) -> bool:
+    jac = settings.jacobian
+    return jac.weight > 0 and (jac.freq >= 1 or torch.rand(()).item() < jac.freq)
