@@ -13,7 +13,7 @@ large blocks to the OS at once, so that freed activations leave the RSS. On GPU 
 ``torch.cuda.max_memory_allocated`` above the allocation before the steps. The DEQ's
 effective depth is its mean number of solver evaluations of f times the blocks in f.
 
-    python scripts/benchmark_memory.py --width 32 --batch 4 --steps 2 --out docs/benchmarks
+    python scripts/benchmark_memory.py --model-sizes 32:2:2,64:3:2 --batch 4 --steps 2 --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -70,21 +70,22 @@ def make_systems(count: int, seed: int = 0) -> list:
     return systems
 
 
-def model_kwargs(width: int) -> dict:
-    """EquiformerV2 at ``width`` channels, OC20 graph settings (12 A, 20 neighbours)."""
+def model_kwargs(width: int, lmax: int = 2, mmax: int = 2) -> dict:
+    """EquiformerV2 at ``width`` channels and lmax/mmax, OC20 graph settings (12 A, 20 neighbours)."""
     return dict(
         use_pbc=True, regress_forces=True, otf_graph=True, max_neighbors=20, max_radius=12.0, max_num_elements=90,
         sphere_channels=width, attn_hidden_channels=max(width // 2, 8), num_heads=max(width // 16, 2),
         attn_alpha_channels=max(width // 4, 4), attn_value_channels=max(width // 8, 4), ffn_hidden_channels=width,
-        edge_channels=width, lmax_list=[2], mmax_list=[2], num_distance_basis=128, num_sphere_samples=32,
+        edge_channels=width, lmax_list=[lmax], mmax_list=[mmax], num_distance_basis=128, num_sphere_samples=32,
         alpha_drop=0.0, drop_path_rate=0.0, proj_drop=0.0,
     )
 
 
-def build_model(kind: str, layers: int, width: int):
+def build_model(kind: str, layers: int, width: int, lmax: int = 2, mmax: int = 2):
+    kwargs = model_kwargs(width, lmax, mmax)
     if kind == "explicit":
-        return registry.get_model_class("equiformer_v2")(num_layers=layers, **model_kwargs(width))
-    return registry.get_model_class("deq_equiformer_v2")(num_layers=layers, deq={"gradient": kind}, **model_kwargs(width))
+        return registry.get_model_class("equiformer_v2")(num_layers=layers, **kwargs)
+    return registry.get_model_class("deq_equiformer_v2")(num_layers=layers, deq={"gradient": kind}, **kwargs)
 
 
 def _rss_bytes() -> int:
@@ -102,10 +103,11 @@ def _reset_peak_rss() -> None:
         raise RuntimeError(f"CPU memory needs a resettable RSS peak (/proc/self/clear_refs): {error}") from error
 
 
-def measure(kind: str, layers: int, width: int, batch_size: int, steps: int, device: str) -> dict:
+def measure(kind: str, layers: int, width: int, batch_size: int, steps: int, device: str,
+            lmax: int = 2, mmax: int = 2) -> dict:
     """Peak memory and time of ``steps`` training steps of one configuration (this process)."""
     torch.manual_seed(0)
-    model = build_model(kind, layers, width).to(device).train()
+    model = build_model(kind, layers, width, lmax, mmax).to(device).train()
     systems = make_systems(batch_size)
     batch = data_list_collater(systems, otf_graph=True).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -155,6 +157,8 @@ def measure(kind: str, layers: int, width: int, batch_size: int, steps: int, dev
         "atoms": int(batch.natoms.sum()),
         "systems": batch_size,
         "width": width,
+        "lmax": lmax,
+        "mmax": mmax,
         "steps": steps,
         "device": device,
         "threads": torch.get_num_threads(),
@@ -162,16 +166,32 @@ def measure(kind: str, layers: int, width: int, batch_size: int, steps: int, dev
     }
 
 
-def run_isolated(kind: str, layers: int, args) -> dict:
+def run_isolated(kind: str, layers: int, size: tuple, args) -> dict:
     """One configuration in a fresh process; glibc returns blocks >= 64 KiB to the OS at free."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    command = [sys.executable, __file__, "--worker", kind, str(layers), "--width", str(args.width),
+    width, lmax, mmax = size
+    command = [sys.executable, __file__, "--worker", kind, str(layers), "--model-sizes", f"{width}:{lmax}:{mmax}",
                "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
                "--threads", str(args.threads)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} with {layers} blocks failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    try:
+        sizes = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(size) != 3 for size in sizes):
+        raise SystemExit(f"--model-sizes {text!r}: expected width:lmax:mmax[,width:lmax:mmax...], e.g. 32:2:2,64:3:2")
+    return sizes
+
+
+def size_name(size) -> str:
+    width, lmax, mmax = size if isinstance(size, tuple) else (size["width"], size["lmax"], size["mmax"])
+    return f"width {width}, lmax {lmax}, mmax {mmax}"
 
 
 def label(row: dict) -> str:
@@ -184,50 +204,52 @@ def label(row: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     first = rows[0]
     lines = [
-        f"{first['systems']} systems ({first['atoms']} atoms), width {first['width']}, {first['device']}"
-        f" ({first['threads']} thread(s)); {first['steps']} training steps after a warm-up step: peak memory"
-        " above the memory held before them, mean time per step.",
+        f"{first['systems']} systems ({first['atoms']} atoms), {first['device']} ({first['threads']} thread(s));"
+        f" {first['steps']} training steps after a warm-up step: peak memory above the memory held before them,"
+        " mean time per step.",
         "",
-        "| model | effective depth | peak memory (MB) | time / step (s) |",
-        "| --- | --- | --- | --- |",
+        "| size | model | effective depth | peak memory (MB) | time / step (s) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         depth = f"{row['effective_depth']:.0f}" if row["gradient"] is None else (
             f"{row['effective_depth']:.1f} ({row['mean_solver_evals']:.1f} evals, max {row['max_solver_evals']:.0f}, x {row['blocks']})")
-        lines.append(f"| {label(row)} | {depth} | {row['peak_memory_mb']:.0f} | {row['time_per_step_s']:.2f} |")
-    ift = [r for r in rows if r["gradient"] == "ift"]
-    if ift:
-        lines.append("")
-        for row in rows:
-            if row["gradient"] is None and row["blocks"] in (8, 12):
-                lines.append(f"explicit {row['blocks']}-block peak memory / DEQ-IFT peak memory: "
+        lines.append(f"| {size_name(row)} | {label(row)} | {depth} | {row['peak_memory_mb']:.0f} | {row['time_per_step_s']:.2f} |")
+    lines.append("")
+    for size in dict.fromkeys(size_name(r) for r in rows):
+        sub = [r for r in rows if size_name(r) == size]
+        ift = [r for r in sub if r["gradient"] == "ift"]
+        one = [r for r in sub if r["gradient"] is None and r["blocks"] == 1]
+        if ift and one:
+            lines.append(f"{size}: DEQ-IFT peak / explicit 1-block peak: {ift[0]['peak_memory_mb'] / one[0]['peak_memory_mb']:.2f}x")
+        for row in sub:
+            if ift and row["gradient"] is None and row["blocks"] in (8, 12):
+                lines.append(f"{size}: explicit {row['blocks']}-block peak / DEQ-IFT peak: "
                              f"{row['peak_memory_mb'] / ift[0]['peak_memory_mb']:.1f}x")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the user's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    explicit = [r for r in rows if r["gradient"] is None]
-    ax.plot([r["effective_depth"] for r in explicit], [r["peak_memory_mb"] for r in explicit], "o-",
-            label="explicit EquiformerV2")
-    for row, marker in zip([r for r in rows if r["gradient"] is not None], "s^D"):
-        ax.plot(row["effective_depth"], row["peak_memory_mb"], marker, markersize=9, label=label(row))
-    ax.set_xlabel("(effective) depth: blocks, or DEQ solver evaluations x blocks in f")
-    ax.set_ylabel("peak training-step memory (MB)")
-    ax.set_ylim(bottom=0)
-    first = rows[0]
-    ax.set_title(f"{first['systems']} systems, {first['atoms']} atoms, width {first['width']}, {first['device']}",
-                 fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    sizes = list(dict.fromkeys(size_name(r) for r in rows))
+    fig = Figure(figsize=(6 * len(sizes), 4))
+    for i, size in enumerate(sizes):
+        ax = fig.add_subplot(1, len(sizes), i + 1)
+        sub = [r for r in rows if size_name(r) == size]
+        explicit = [r for r in sub if r["gradient"] is None]
+        ax.plot([r["effective_depth"] for r in explicit], [r["peak_memory_mb"] for r in explicit], "o-",
+                label="explicit EquiformerV2")
+        for row, marker in zip([r for r in sub if r["gradient"] is not None], "s^D"):
+            ax.plot(row["effective_depth"], row["peak_memory_mb"], marker, markersize=9, label=label(row))
+        ax.set_xlabel("(effective) depth: blocks, or DEQ solver evaluations x blocks in f")
+        ax.set_ylabel("peak training-step memory (MB)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{sub[0]['systems']} systems, {sub[0]['atoms']} atoms, {size}, {sub[0]['device']}", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1,2,4,8,12", help="explicit EquiformerV2 depths (comma separated)")
     parser.add_argument("--gradients", default=",".join(GRADIENTS), help="DEQ gradient modes (comma separated, or none)")
     parser.add_argument("--deq-blocks", type=int, default=1, help="transformer blocks inside the DEQ's f")
-    parser.add_argument("--width", type=int, default=32, help="sphere channels (the other widths follow)")
+    parser.add_argument("--model-sizes", default="32:2:2,64:3:2",
+                        help="width:lmax:mmax per model size, comma separated (the other widths follow the width)")
     parser.add_argument("--batch", type=int, default=4, help="systems in the batch (60-100 atoms each)")
     parser.add_argument("--steps", type=int, default=2, help="measured training steps (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per measurement (torch.set_num_threads)")
@@ -248,19 +271,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         kind, layers = args.worker
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(kind, int(layers), args.width, args.batch, args.steps, args.device)))
+        width, lmax, mmax = parse_sizes(args.model_sizes)[0]
+        print(json.dumps(measure(kind, int(layers), width, args.batch, args.steps, args.device, lmax, mmax)))
         return
 
     gradients = [g for g in args.gradients.split(",") if g and g != "none"]
     unknown = sorted(set(gradients) - set(GRADIENTS))
     if unknown:
         parser.error(f"--gradients: unknown mode(s) {unknown}; choose from {GRADIENTS}")
-    configs = [("explicit", int(n)) for n in args.sizes.split(",") if n] + [(g, args.deq_blocks) for g in gradients]
+    configs = [(size, "explicit", int(n)) for size in parse_sizes(args.model_sizes) for n in args.sizes.split(",") if n]
+    configs += [(size, g, args.deq_blocks) for size in parse_sizes(args.model_sizes) for g in gradients]
+    configs.sort(key=lambda c: c[0])
     rows = []
-    for i, (kind, layers) in enumerate(configs, 1):
+    for i, (size, kind, layers) in enumerate(configs, 1):
         start = time.time()
-        print(f"[{i}/{len(configs)}] {kind}, {layers} block(s) ...", end="", flush=True)
-        rows.append(run_isolated(kind, layers, args))
+        print(f"[{i}/{len(configs)}] {size_name(size)}: {kind}, {layers} block(s) ...", end="", flush=True)
+        rows.append(run_isolated(kind, layers, size, args))
         row = rows[-1]
         print(f" {row['peak_memory_mb']:.0f} MB, {row['time_per_step_s']:.2f} s/step"
               + (f", {row['mean_solver_evals']:.1f} solver evals" if row["mean_solver_evals"] else "")

@@ -75,7 +75,7 @@ def test_converged_start_costs_one_evaluation(name):
     assert again.nstep.tolist() == [1.0, 1.0, 1.0]
 
 
-def test_unconverged_graphs_are_reported_with_their_best_state():
+def test_unconverged_graphs_are_reported_with_their_last_state():
     toy = CoupledToy([2, 2], [0.2, 0.99])
     out = solve(toy, toy.zeros(), settings("fixed_point_iter", tol=1e-10, max_iter=5))
     assert out.converged.tolist() == [False, False] and out.nstep.tolist() == [5.0, 5.0]

@@ -9,7 +9,7 @@ All inner products are per graph, so a graph's iterates are those it would have 
 Anderson and Broyden follow torchdeq's formulas (same iterates: tests/test_solver.py);
 unlike torchdeq, the residual is checked after *every* evaluation, so a warm start that is
 already converged costs one evaluation. A graph that never meets the tolerance returns its
-lowest-residual state. ``max_iter`` counts evaluations of f for every solver.
+last state and residual. ``max_iter`` counts evaluations of f for every solver.
 """
 
 from __future__ import annotations
@@ -83,10 +83,7 @@ class _Run:
         self.out = Solution.empty(z0, B, len(keep_steps))
         self.keep_steps = list(keep_steps)
         self.recorded_until = torch.zeros(B, dtype=torch.long, device=z0.device)  # last kept step written
-        self.best = None
-        self.best_residual = torch.full((B,), float("inf"), dtype=z0.dtype, device=z0.device)
-        self.best_rel = self.best_residual.clone()
-        self.best_abs = self.best_residual.clone()
+        self.state = self.relative = self.absolute = None  # the latest evaluation's, per active graph
 
     def f(self, z: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -104,17 +101,10 @@ class _Run:
         absolute = seg.norm(fx - x)
         relative = absolute / (seg.norm(fx) + 1e-9)
         residual = relative if self.stop_mode == "rel" else absolute
-        improved = residual < self.best_residual
-        if self.best is None:
-            self.best = state.clone()
-        else:
-            self.best = torch.where(seg.expand(improved, state), state, self.best)
-        self.best_residual = torch.where(improved, residual, self.best_residual)
-        self.best_rel = torch.where(improved, relative, self.best_rel)
-        self.best_abs = torch.where(improved, absolute, self.best_abs)
+        self.state, self.relative, self.absolute = state, relative, absolute
         if evaluation in self.keep_steps:
             k = self.keep_steps.index(evaluation)
-            self.out.states[k][self.node_ids] = self.best
+            self.out.states[k][self.node_ids] = state
             self.recorded_until[self.graph_ids] = k + 1
         return residual < self.tol
 
@@ -125,14 +115,14 @@ class _Run:
         nodes = self.segments.node_mask(graphs)
         ids, node_ids = self.graph_ids[graphs], self.node_ids[nodes]
         out = self.out
-        out.z[node_ids] = self.best[nodes]
+        out.z[node_ids] = self.state[nodes]
         out.nstep[ids] = float(evaluation)
-        out.residual[ids] = self.best_rel[graphs]
-        out.abs_residual[ids] = self.best_abs[graphs]
+        out.residual[ids] = self.relative[graphs]
+        out.abs_residual[ids] = self.absolute[graphs]
         out.converged[ids] = converged
         for k, state in enumerate(out.states):  # steps after retirement keep the final state
             later = self.segments.node_mask(graphs & (self.recorded_until[self.graph_ids] <= k))
-            state[self.node_ids[later]] = self.best[later]
+            state[self.node_ids[later]] = self.state[later]
 
     def keep(self, graphs: torch.Tensor) -> torch.Tensor:
         """Drop every active graph not in the mask; returns the kept node mask."""
@@ -141,9 +131,6 @@ class _Run:
         self.problem = self.problem.restrict(index)
         self.segments = self.problem.segments
         self.graph_ids, self.node_ids = self.graph_ids[index], self.node_ids[nodes]
-        self.best = self.best[nodes]
-        self.best_residual, self.best_rel, self.best_abs = (
-            self.best_residual[index], self.best_rel[index], self.best_abs[index])
         return nodes
 
 
@@ -245,7 +232,7 @@ class _FixedPointIteration:
 def solve(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSettings, keep_steps=()) -> Solution:
     """Solve z = f(z) per graph from ``z0`` [N, ...]; f only on graphs still iterating.
 
-    ``keep_steps``: evaluation counts at which to keep each graph's best state so far
+    ``keep_steps``: evaluation counts at which to keep each graph's state
     (for fixed-point correction losses; a graph done earlier keeps its final state).
     """
     start = time.perf_counter()

@@ -51,6 +51,23 @@ class LabelCheckingCollater:
         return self.collater(frames)
 
 
+class _KeepOutput:
+    """Stands in for the trainer's model during one forward: calls it and keeps its whole
+    output dict on the trainer; everything else (state_dict for a checkpoint requested by a
+    signal mid-forward, ...) goes to the model itself."""
+
+    def __init__(self, model, trainer):
+        self._model, self._trainer = model, trainer
+
+    def __call__(self, data):
+        out = self._model(data)
+        self._trainer.last_model_output = out if isinstance(out, dict) else None
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 @registry.register_trainer("deq")
 class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
     """``trainer: deq``: ``equiformerv2_forces`` (OCPTrainer + cosine schedule in epochs).
@@ -218,13 +235,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         """fairchem's forward, keeping the model's whole output dict (solver statistics, DEQ
         loss terms) in ``last_model_output``: fairchem keeps only the predicted targets."""
         model, self.last_model_output = self.model, None
-
-        def call(data):
-            out = model(data)
-            self.last_model_output = out if isinstance(out, dict) else None
-            return out
-
-        self.model = call
+        self.model = _KeepOutput(model, self)
         try:
             out = super()._forward(batch)
         finally:
