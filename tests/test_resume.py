@@ -153,3 +153,26 @@ def test_rerun_without_timestamp_id_points_at_earlier_checkpoints(tmp_path, capl
     args.timestamp_id = "2026-01-02-03-04-05-deq"  # the resuming command line: nothing to say
     warn_if_unresumable(args)
     assert not caplog.text
+
+
+def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    """A pickle that runs code when unpickled, passed as a checkpoint: refused by name."""
+    import pickle
+
+    from ocp_deq.trainers.checkpointing import CheckpointError, load_checkpoint_file
+
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    crafted = tmp_path / "checkpoint.pt"
+    with open(crafted, "wb") as handle:
+        pickle.dump({"state_dict": {}, "x": Payload()}, handle)
+    with pytest.raises(CheckpointError, match="refusing to load checkpoint .*checkpoint.pt"):
+        load_checkpoint_file(crafted)
+    assert not marker.exists()
+    (tmp_path / "noise.pt").write_bytes(b"\x00\x01 not a checkpoint")
+    with pytest.raises(CheckpointError, match="noise.pt"):
+        load_checkpoint_file(tmp_path / "noise.pt")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,26 @@ import torch
 from fairchem.core.common import distutils
 
 TEMPORARY_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot or must not be loaded; the message names the file."""
+
+
+def load_checkpoint_file(path, map_location="cpu") -> dict:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only``): a file
+    that needs arbitrary unpickling, which could run code, is refused, not executed."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"refusing to load checkpoint {path}: it holds objects other than tensors and "
+                              f"plain containers, and unpickling them could run code ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: {error}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} holds no fairchem 'state_dict' (got {type(checkpoint).__name__})")
+    return checkpoint
 
 
 def replace_durably(temporary: Path, final: Path) -> None:
@@ -66,7 +87,7 @@ class ResumableCheckpoints:
             if not os.path.isfile(checkpoint_path):
                 raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
             logging.info(f"Loading checkpoint from: {checkpoint_path}")
-            checkpoint = torch.load(checkpoint_path, map_location="cpu" if self.cpu else self.device, weights_only=False)
+            checkpoint = load_checkpoint_file(checkpoint_path, "cpu" if self.cpu else self.device)
         checkpoint = self._adapt_to_force_mode(checkpoint, checkpoint_path)
         super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
         self.completed_step = self.step
