@@ -150,3 +150,13 @@ def test_boolean_options_take_command_line_spellings():
 def test_dropout_inside_the_implicit_layer_is_refused():
     with pytest.raises(DEQConfigError, match="drop_path_rate"):
         registry.get_model_class("deq_equiformer_v2")(**{**TINY_MODEL, "drop_path_rate": 0.05})
+
+
+def test_numeric_options_accept_yaml_exponent_strings_and_name_bad_values():
+    """PyYAML reads ``tol: 1e-3`` as a string; it is a number here. Bad values name the key."""
+    settings = DEQSettings.from_config({"eval_solver": {"tol": "1e-3", "max_iter": "40"}})
+    assert settings.eval_solver.tol == 1e-3 and settings.eval_solver.max_iter == 40
+    with pytest.raises(DEQConfigError, match=r"model.deq.eval_solver.tol must be a number, got 'abc'"):
+        DEQSettings.from_config({"eval_solver": {"tol": "abc"}})
+    with pytest.raises(DEQConfigError, match=r"model.deq.train_solver.max_iter must be a whole number"):
+        DEQSettings.from_config({"train_solver": {"max_iter": 2.5}})

@@ -24,6 +24,21 @@ def _as_bool(value, where: str) -> bool:
     raise DEQConfigError(f"{where} must be true or false, got {value!r}")
 
 
+def _as_number(value, kind: str, where: str):
+    """Numbers, and the strings YAML 1.1 leaves for exponents without a dot (``1e-3``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DEQConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise DEQConfigError(f"{where} must be a number, got {value!r}") from None
+    if kind == "float":
+        return number
+    if not number.is_integer():
+        raise DEQConfigError(f"{where} must be a whole number, got {value!r}")
+    return int(number)
+
+
 def _build(cls, values: dict | None, where: str):
     values = dict(values or {})
     for key, section in getattr(cls, "_SECTIONS", {}).items():
@@ -43,8 +58,12 @@ def _build(cls, values: dict | None, where: str):
             f"unknown DEQ option(s) {unknown} in '{where}'; known options: {sorted(known)}"
         )
     for f in fields(cls):
-        if f.type == "bool" and f.name in values:
+        if f.name not in values:
+            continue
+        if f.type == "bool":
             values[f.name] = _as_bool(values[f.name], f"{where}.{f.name}")
+        elif f.type in ("int", "float"):
+            values[f.name] = _as_number(values[f.name], f.type, f"{where}.{f.name}")
     obj = cls(**values)
     obj.validate(where)
     return obj
