@@ -124,3 +124,27 @@ def test_phantom_gradient_is_close_to_ift():
     ift = torch.autograd.grad((ift_z ** 2).sum(), toy.c)[0]
     phantom = torch.autograd.grad((gradients.phantom(toy, z_star, 5, 1.0) ** 2).sum(), toy.c)[0]
     assert torch.nn.functional.cosine_similarity(ift.flatten(), phantom.flatten(), dim=0) > 0.99
+
+
+def test_warm_graphs_use_the_reuse_solver_and_fall_back_to_the_eval_solver():
+    """With its own ``reuse.solver``, warm graphs are solved on their own graphs; those it
+    leaves unconverged continue with the cold solver from where it stopped; cold graphs are
+    solved as if alone."""
+    from ocp_deq.deq import DEQSettings
+    from ocp_deq.deq.engine import solve_from_starts
+
+    toy = CoupledToy(NATOMS, RATES)
+    cold = settings("anderson", tol=1e-8)
+    exact = solve(toy, toy.zeros(), settings("fixed_point_iter", tol=1e-13, max_iter=2000)).z
+    z0 = exact.clone()
+    z0[graph_nodes(1)] += 0.3  # graph 1: a poor warm start
+    z0[graph_nodes(2)] = 0.0  # graph 2: cold
+    deq = DEQSettings.from_config({"reuse": {"solver": {"solver": "fixed_point_iter", "tol": 1e-8, "max_iter": 1}}})
+    toy.calls.clear()
+    out = solve_from_starts(toy, z0, torch.tensor([True, True, False]), deq, cold)
+    assert out.nstep[0] == 1 and out.converged.all()
+    assert out.nstep[1] > 1  # one warm evaluation, then the fallback
+    alone = toy.restrict(torch.tensor([2]))
+    torch.testing.assert_close(out.z[graph_nodes(2)], solve(alone, alone.zeros(), cold).z)
+    torch.testing.assert_close(out.z, exact, rtol=0, atol=1e-6)
+    assert out.work.graph_evaluations == int(out.nstep.sum())
