@@ -2,7 +2,9 @@
 
 Every fairchem flag and dotted override works as in ``fairchem``; additionally a bare config
 name (e.g. ``deq_equiformer_v2_toy.yml``) resolves to the file of that name under
-``configs/``, dataset paths are checked before any work starts, and configs with a
+``configs/``; the ``model.deq`` block, the checkpoint and the dataset files (existing,
+LMDB, not truncated) are checked before any work starts, each mistake reported in one
+line (exit status 2); configs with a
 ``toy_data`` block generate the built-in toy data on first use. ``--distributed``,
 ``--submitit-cluster`` and the job side of ``--submit`` are in :mod:`ocp_deq.cluster`.
 """
@@ -84,6 +86,68 @@ def prepare_data(config: dict) -> None:
                 raise ConfigError(f"dataset.{split}.src: LMDB path '{src}' does not exist")
             if src.is_dir() and not any(src.glob("*.lmdb")):
                 raise ConfigError(f"dataset.{split}.src: folder '{src}' holds no *.lmdb file")
+            for path in sorted(src.glob("*.lmdb")) if src.is_dir() else [src]:
+                check_lmdb_file(path, f"dataset.{split}.src")
+
+
+DEQ_MODELS = ("deq_equiformer_v2", "deq_equiformer_v2_backbone")
+NEEDS_CHECKPOINT = ("predict", "validate", "run-relaxations")
+
+
+def check_lmdb_file(path: Path, where: str) -> None:
+    """Open an LMDB file as fairchem will, and refuse one that is not LMDB or is truncated,
+    before anything is written (reading a truncated file's missing pages kills the process
+    with SIGBUS, without a message)."""
+    import lmdb
+
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_readers=1)
+    except lmdb.Error as error:
+        raise ConfigError(f"{where}: '{path}' is not a readable LMDB file ({error})") from None
+    try:
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = path.stat().st_size
+        if size < needed:
+            raise ConfigError(f"{where}: LMDB file '{path}' is truncated: {size} bytes, its pages need {needed}")
+    finally:
+        env.close()
+
+
+def check_model_config(config: dict) -> None:
+    """The whole ``model.deq`` block and the DEQ's own options, before fairchem builds anything."""
+    model = config.get("model") or {}
+    name = model.get("name")
+    if name not in DEQ_MODELS:
+        return
+    from ocp_deq.deq.settings import DEQConfigError, DEQSettings
+    from ocp_deq.models.deq_equiformer_v2 import FORCE_MODES, STOCHASTIC_OPTIONS
+
+    try:
+        DEQSettings.from_config(model.get("deq"))
+    except DEQConfigError as error:
+        raise ConfigError(str(error)) from None
+    if model.get("force_mode", "direct") not in FORCE_MODES:
+        raise ConfigError(f"model.force_mode='{model['force_mode']}' must be one of {FORCE_MODES}")
+    for key in STOCHASTIC_OPTIONS:
+        if model.get(key):
+            raise ConfigError(f"model.{key}={model[key]}: random dropout inside the implicit layer changes f at "
+                              "every solver iteration; set it to 0 (model.deq.variational_dropout keeps one mask per forward)")
+
+
+def check_checkpoint(args) -> None:
+    """--checkpoint must name a readable checkpoint; evaluation modes need one."""
+    if args.checkpoint is None:
+        if args.mode in NEEDS_CHECKPOINT:
+            raise ConfigError(f"--mode {args.mode} needs --checkpoint <checkpoint.pt or best_checkpoint.pt>")
+        return
+    from ocp_deq.trainers.checkpointing import CheckpointError, load_checkpoint_file
+
+    if not Path(args.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint: no file '{args.checkpoint}'")
+    try:
+        load_checkpoint_file(args.checkpoint)
+    except CheckpointError as error:
+        raise ConfigError(f"--checkpoint: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     check_cluster_flags(parser, args)
     try:
         args.config_yml = resolve_config(args.config_yml)
-        prepare_data(build_config(args, list(override_args)))
+        config = build_config(args, list(override_args))
+        check_model_config(config)
+        check_checkpoint(args)
+        prepare_data(config)
     except ConfigError as error:
         parser.exit(2, f"ocp_deq: error: {error}\n")
     # fairchem's main looks these names up at call time: use ours, importable by children.

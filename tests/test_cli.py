@@ -89,6 +89,48 @@ def test_missing_lmdb_path_is_a_clear_error(toy_root, tmp_path):
     assert f"dataset.val.src: LMDB path '{tmp_path / 'nowhere'}' does not exist" in proc.stderr
 
 
+def _broken_setups(tmp_path, toy_root):
+    """(name, config edit, extra CLI args, message) for mistakes a user makes."""
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(toy_root / "val", truncated)
+    data_file = next(truncated.glob("*.lmdb"))
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 3])
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "data.lmdb").write_text("not a database\n")
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"random bytes")
+    return [
+        ("typo", {"model": {"deq": {"eval_solvr": {}}}}, [], "unknown DEQ option(s) ['eval_solvr'] in 'model.deq'"),
+        ("tol0", {"model": {"deq": {"eval_solver": {"tol": 0}}}}, [], "model.deq.eval_solver.tol must be > 0"),
+        ("max_iter", {"model": {"deq": {"train_solver": {"max_iter": -5}}}}, [], "model.deq.train_solver.max_iter must be >= 1"),
+        ("truncated", {"dataset": {"val": {"src": str(truncated)}}}, [], f"LMDB file '{data_file}' is truncated"),
+        ("text", {"dataset": {"val": {"src": str(text)}}}, [], f"'{text / 'data.lmdb'}' is not a readable LMDB file"),
+        ("noise", {}, ["--checkpoint", str(noise)], f"checkpoint {noise} is not a readable torch checkpoint"),
+        ("predict", {}, ["--mode", "predict"], "--mode predict needs --checkpoint"),
+    ]
+
+
+def test_configuration_data_and_checkpoint_mistakes_are_one_line_errors(toy_root, tmp_path):
+    """Each mistake: exit status 2, one message naming the key / file, no traceback, nothing written."""
+    for name, edit, extra, message in _broken_setups(tmp_path, toy_root):
+        config = make_config(tmp_path, toy_root, model=edit.get("model"))
+        data = yaml.safe_load(config.read_text())
+        for split, entry in edit.get("dataset", {}).items():
+            data["dataset"][split].update(entry)
+        config.write_text(yaml.safe_dump(data))
+        args = ["--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / f"run_{name}", *extra]
+        if "--mode" in extra:
+            args = args[2:]
+        proc = run_cli(*args, cwd=tmp_path, check=False)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert message in proc.stderr, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, name
+        assert not (tmp_path / f"run_{name}").exists(), name
+
+
 def test_frame_without_forces_is_a_clear_error(toy_root, tmp_path):
     frames = read_lmdb(toy_root / "train")[:8]
     del frames[5].forces

@@ -22,7 +22,7 @@ from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
 from ocp_deq.models.edge_frames import attach_position_gradient
 
-_STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
+STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
 FORCE_MODES = ("direct", "conservative")
 
 
@@ -145,7 +145,7 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
     """
 
     def __init__(self, deq: dict | None = None, num_layers: int = 1, **kwargs):
-        for key in _STOCHASTIC_OPTIONS:
+        for key in STOCHASTIC_OPTIONS:
             kwargs.setdefault(key, 0.0)
             if kwargs[key]:
                 raise DEQConfigError(

@@ -37,8 +37,9 @@ def load_checkpoint_file(path, map_location="cpu") -> dict:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"refusing to load checkpoint {path}: it holds objects other than tensors and "
                               f"plain containers, and unpickling them could run code ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: {error}") from None
+    except Exception as error:  # torch.load fails on junk with many types (IndexError, RuntimeError, ...)
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint "
+                              f"({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} holds no fairchem 'state_dict' (got {type(checkpoint).__name__})")
     return checkpoint
