@@ -288,3 +288,23 @@ def test_ordered_validation_when_val_and_test_share_a_split(trained_deq):
     report = json.loads((results / "solver_ordered_val.json").read_text())
     assert report["reuse"] and report["graph_evaluations"] == len(read_lmdb(val_src))
     assert not (results / "solver_ordered_val_cold.json").exists()
+
+
+def test_calculator_refuses_structures_the_model_cannot_describe(cold_calculator, toy_root):
+    """Overlapping atoms, a NaN coordinate and a lone atom: a clear error, not NaNs."""
+    from ocp_deq.models.deq_equiformer_v2 import InvalidStructureError
+
+    overlapping = slab(toy_root)
+    positions = overlapping.get_positions()
+    positions[1] = positions[0]
+    overlapping.set_positions(positions, apply_constraint=False)
+    nan = slab(toy_root)
+    positions = nan.get_positions()
+    positions[2, 0] = np.nan
+    nan.set_positions(positions, apply_constraint=False)
+    lone = Atoms("Cu", positions=[[0, 0, 0]], cell=[30, 30, 30], pbc=True)
+    for atoms, message in ((overlapping, "overlapping"), (nan, "non-finite atom positions"),
+                           (lone, "no pair of atoms within max_radius")):
+        atoms.calc = cold_calculator
+        with pytest.raises(InvalidStructureError, match=message):
+            atoms.get_potential_energy()

@@ -26,6 +26,37 @@ STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
 FORCE_MODES = ("direct", "conservative")
 
 
+class InvalidStructureError(ValueError):
+    """A structure the model cannot describe (the message names the systems)."""
+
+
+def _systems(data, node_mask: torch.Tensor) -> str:
+    graphs = torch.unique(data.batch[node_mask]).tolist()
+    sid = getattr(data, "sid", None)
+    if sid is None:
+        return f"at batch index {graphs}"
+    names = sid.tolist() if torch.is_tensor(sid) else list(sid)
+    return "sid=" + ", ".join(str(names[g]) for g in graphs)
+
+
+def _check_graph(data, graph, cutoff: float) -> None:
+    """Atoms on top of each other (no edge direction) and systems without any edge (nothing
+    for the attention to read) get a clear error instead of NaNs or a reduction failure."""
+    with torch.no_grad():  # fairchem's radius graph drops pairs closer than 0.01 A: look at the positions
+        overlapping = torch.zeros(data.batch.numel(), dtype=torch.bool, device=data.pos.device)
+        for nodes in torch.split(torch.arange(data.batch.numel(), device=data.pos.device), data.natoms.tolist()):
+            distance = torch.cdist(data.pos[nodes], data.pos[nodes])
+            distance.fill_diagonal_(float("inf"))
+            overlapping[nodes] = (distance < 1e-2).any(1)
+    if overlapping.any():
+        raise InvalidStructureError(f"atoms closer than 0.01 A (overlapping) in system(s) {_systems(data, overlapping)}")
+    has_edge = torch.zeros(data.natoms.numel(), dtype=torch.bool, device=data.pos.device)
+    has_edge[data.batch[graph.edge_index[1]]] = True
+    if not has_edge.all():
+        lonely = (~has_edge)[data.batch]
+        raise InvalidStructureError(f"no pair of atoms within max_radius={cutoff} A in system(s) {_systems(data, lonely)}")
+
+
 class _Given(torch.nn.Module):
     """Stands in for a radial function whose output was computed once per forward."""
 
@@ -178,7 +209,10 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
                 f"atomic number {atomic_numbers.max().item()} exceeds model.max_num_elements="
                 f"{self.max_num_elements}"
             )
+        if not torch.isfinite(data.pos).all():
+            raise InvalidStructureError(f"non-finite atom positions in system(s) {_systems(data, ~torch.isfinite(data.pos).all(1))}")
         graph = self.generate_graph(data, enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly)
+        _check_graph(data, graph, self.cutoff)
         edge_rot_mat = self._init_edge_rot_mat(data, graph.edge_index, graph.edge_distance_vec)
         for rotation in self.SO3_rotation:
             rotation.set_wigner(edge_rot_mat)
