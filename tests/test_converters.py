@@ -331,3 +331,46 @@ def test_molecules_go_through_fairchem_collater_and_generate_graph(converted):
     torch.testing.assert_close(graph.edge_distance, dist[j, i].float())
     per_graph = torch.bincount(batch.batch[i], minlength=5)
     assert graph.neighbors.tolist() == per_graph.tolist() and (per_graph > 0).all()
+
+
+def test_foreign_lmdb_files_are_refused_or_replaced_and_metadata_is_written(sources, tmp_path):
+    """A training run reads every *.lmdb in a split folder: a stranger's file there is refused
+    (or, with overwrite, removed), and each split gets fairchem's metadata.npz."""
+    import json
+    import shutil
+
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    record = convert_trajectory(sources["npz"], tmp_path / "other", split="ordered", n_train=3, n_val=2, n_test=2)
+    shutil.copy(record["written"]["train"]["path"], out / "train" / "old.lmdb")
+    with pytest.raises(FileExistsError, match="old.lmdb"):
+        convert_trajectory(sources["npz"], out, split="ordered", n_train=10, n_val=5, n_test=5)
+    record = convert_trajectory(sources["npz"], out, split="ordered", n_train=10, n_val=5, n_test=5, overwrite=True)
+    assert lmdb_files(out / "train") == ["data.lmdb"]
+    frames = read_lmdb(out / "train")  # what a run reads: every *.lmdb of the folder
+    assert len(frames) == record["written"]["train"]["frames"] == 10
+    natoms = np.load(out / "train" / "metadata.npz")["natoms"]
+    assert natoms.tolist() == [int(d.natoms) for d in frames]
+    assert json.loads((out / "conversion.json").read_text())["written"]["val"]["path"] == "val/data.lmdb"
+
+
+def test_overwrite_failing_half_way_keeps_the_previous_conversion(sources, tmp_path, monkeypatch):
+    from ocp_deq.data import converters
+
+    out = tmp_path / "out"
+    convert_trajectory(sources["npz"], out, split="ordered", n_train=10, n_val=5, n_test=5)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls, original = [], converters.write_split
+
+    def failing(folder, frames):  # the second split's write fails
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(folder, frames)
+
+    monkeypatch.setattr(converters, "write_split", failing)
+    with pytest.raises(OSError, match="disk full"):
+        convert_trajectory(sources["npz"], out, split="ordered", n_train=20, n_val=2, n_test=2, overwrite=True)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # old splits, metadata and conversion.json untouched, no staging left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

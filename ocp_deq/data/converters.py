@@ -27,8 +27,9 @@ ASE ``FixAtoms`` constraints set 1), ``energy`` float (eV, as given: no referenc
 
 Every frame is checked before anything is written (shapes, lengths, finite values, atomic
 numbers); a problem raises :class:`ConversionError` naming the file, key and frame, and no
-LMDB is written. Each LMDB is written atomically (``write_lmdb``); if a later write fails,
-the LMDBs written by this call are removed.
+LMDB is written. All splits (each with the ``metadata.npz`` of atom counts that fairchem's
+load-balancing sampler reads) and ``conversion.json`` are written into a staging folder and
+swapped in together (``staged_outputs``): a failure leaves the previous conversion whole.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ase.constraints import FixAtoms
 from ase.geometry import wrap_positions
 from torch_geometric.data import Data
 
-from ocp_deq.data.lmdb_io import write_lmdb
+from ocp_deq.data.lmdb_io import staged_outputs, write_split
 from ocp_deq.data.splits import split_indices
 
 FORMATS = ("npz", "extxyz", "traj", "db")
@@ -299,27 +300,26 @@ def convert_trajectory(path: str | Path, out_dir: str | Path, fmt: str | None = 
     (empty splits are not written) and ``out_dir/conversion.json`` (settings and the frame
     ids of each split). Returns that record."""
     out_dir = Path(out_dir)
-    targets = {name: out_dir / name / "data.lmdb" for name in SPLITS}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exist(s); pass overwrite=True (--overwrite) to replace")
+    if not overwrite:
+        existing = [str(out_dir / "conversion.json")] if (out_dir / "conversion.json").exists() else []
+        existing += [str(p) for name in SPLITS if (out_dir / name).is_dir() for p in sorted((out_dir / name).iterdir())]
+        if existing:
+            raise FileExistsError(f"{', '.join(existing)} exist(s) in the output folder (a training run would read "
+                                  "every *.lmdb there); pass overwrite=True (--overwrite) to replace them")
     frames, info = read_frames(path, fmt, keys, energy_unit, force_unit, length_unit)
     indices = split_indices(len(frames), split, n_train, n_val, n_test, seed)
     record = {**info, "sid": sid, "split": {"mode": split, "seed": seed, "n_train": n_train,
                                              "n_val": n_val, "n_test": n_test}, "written": {}}
-    written = []
-    try:
+    # every split and conversion.json are written aside and swapped in together: a failure
+    # leaves the previous conversion whole, and old split folders (foreign files too) go
+    with staged_outputs(out_dir, [*SPLITS, "conversion.json"]) as stage:
         for name in SPLITS:
             fids = indices[name].tolist()
-            if targets[name].exists():  # only with overwrite: never leave a stale split behind
-                targets[name].unlink()
             if fids:
-                write_lmdb(targets[name], (frame_to_data(frames[i], sid, i) for i in fids))
-                written.append(targets[name])
-            record["written"][name] = {"path": str(targets[name]) if fids else None, "frames": len(fids), "fids": fids}
-        (out_dir / "conversion.json").write_text(json.dumps(record, indent=1))
-    except BaseException:
-        for target in written:
-            target.unlink(missing_ok=True)
-        raise
+                write_split(stage / name, [frame_to_data(frames[i], sid, i) for i in fids])
+            target = out_dir / name / "data.lmdb"
+            record["written"][name] = {"path": str(target) if fids else None, "frames": len(fids), "fids": fids}
+        portable = {**record, "written": {name: {**entry, "path": entry["path"] and f"{name}/data.lmdb"}
+                                          for name, entry in record["written"].items()}}
+        (stage / "conversion.json").write_text(json.dumps(portable, indent=1))  # paths relative to it
     return record

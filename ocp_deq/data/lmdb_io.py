@@ -2,17 +2,23 @@
 
 Keys are ascii integers "0".."N-1" plus a pickled ``length`` key; values are pickled
 ``torch_geometric.data.Data``. Writing goes to a temporary file renamed into place at the
-end, so a failed write never leaves a partial LMDB behind.
+end, so a failed write never leaves a partial LMDB behind; a split folder also gets the
+``metadata.npz`` (atom counts) that fairchem's load-balancing sampler reads, and whole sets
+of outputs are written beside the old ones and swapped in together (:func:`staged_outputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import lmdb
+import numpy as np
 
 _MAP_SIZE = 1 << 40  # sparse file: only what is written takes disk space
 
@@ -37,6 +43,38 @@ def write_lmdb(path: str | Path, frames: Iterable) -> int:
             if leftover.exists():
                 leftover.unlink()
     return count
+
+
+def write_split(folder: str | Path, frames: list) -> int:
+    """``folder/data.lmdb`` and ``folder/metadata.npz`` (natoms per frame, in key order)."""
+    folder = Path(folder)
+    count = write_lmdb(folder / "data.lmdb", frames)
+    np.savez(folder / "metadata.npz", natoms=np.array([int(frame.natoms) for frame in frames], dtype=np.int64))
+    return count
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | Path, names: Iterable[str]):
+    """Write the outputs ``names`` (files or folders) of ``folder`` into a staging folder
+    (yielded); only when the block completes are they swapped in together, the old ones
+    removed. If it fails, the old outputs stay as they were and nothing new is left."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=folder))
+    for name in names:
+        if (folder / name).exists():
+            os.rename(folder / name, replaced / name)
+    for name in names:
+        if (stage / name).exists():
+            os.rename(stage / name, folder / name)
+    shutil.rmtree(replaced, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_lmdb(path: str | Path) -> list:

@@ -25,6 +25,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.optimize import BFGS
 
 from ocp_deq.data.converters import convert_trajectory
+from ocp_deq.data.lmdb_io import staged_outputs
 
 SPEC_FILE = "toy_molecule.json"
 SOURCE_FILE = "trajectory.npz"
@@ -83,14 +84,15 @@ def generate_molecule_data(root: str | Path, spec: MoleculeSpec | None = None) -
     ``root/conversion.json`` and the spec."""
     spec = spec or MoleculeSpec()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    source = root / SOURCE_FILE
-    np.savez(source, **simulate(spec))
-    record = convert_trajectory(source, root, split=spec.split, n_train=spec.n_train, n_val=spec.n_val,
-                                n_test=spec.n_test, seed=spec.seed, sid=0, overwrite=True)
+    outputs = [SOURCE_FILE, SPEC_FILE, "train", "val", "test", "conversion.json"]
+    with staged_outputs(root, outputs) as stage:  # old data stays whole until all is written
+        source = stage / SOURCE_FILE
+        np.savez(source, **simulate(spec))
+        record = convert_trajectory(source, stage, split=spec.split, n_train=spec.n_train, n_val=spec.n_val,
+                                    n_test=spec.n_test, seed=spec.seed, sid=0, overwrite=True)
+        (stage / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
     sizes = {name: entry["frames"] for name, entry in record["written"].items()}
     logging.info(f"toy molecule: {spec.molecule} EMT MD, {spec.frames} frames -> {root} {sizes}")
-    (root / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
     return root
 
 

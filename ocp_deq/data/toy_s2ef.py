@@ -27,7 +27,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import BFGS
 from fairchem.core.preprocessing import AtomsToGraphs
 
-from ocp_deq.data.lmdb_io import write_lmdb
+from ocp_deq.data.lmdb_io import staged_outputs, write_split
 
 METALS = ("Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al")
 ADSORBATES = ("O", "H", "C", "N")
@@ -141,34 +141,35 @@ def generate_toy_data(root: str | Path, spec: ToySpec | None = None) -> Path:
     refs = _reference_energies()
     labelled_a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=False, r_pbc=True, r_edges=False)
     unlabelled_a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_fixed=False, r_pbc=True, r_edges=False)
-    sid = 0
-    for split in SPLITS:
-        labelled = split != "test"
-        data = []
-        for _ in range(spec.systems[split]):
+    with staged_outputs(root, [*SPLITS, "relax", SPEC_FILE]) as stage:  # old data stays whole until done
+        sid = 0
+        for split in SPLITS:
+            labelled = split != "test"
+            data = []
+            for _ in range(spec.systems[split]):
+                atoms, fixed, e_slab, name = _build_system(rng, spec)
+                reference = e_slab + refs[atoms.get_chemical_symbols()[-1]]
+                for fid, frame in enumerate(_trajectory(atoms, reference, spec, rng)):
+                    a2g = labelled_a2g if labelled else unlabelled_a2g
+                    data.append(_to_data(a2g, frame, fixed, sid, fid, labelled))
+                sid += 1
+            write_split(stage / split, data)
+            logging.info(f"toy S2EF: wrote {len(data)} {split} frames to {root / split}")
+        relax = []
+        for _ in range(spec.relax_systems):
             atoms, fixed, e_slab, name = _build_system(rng, spec)
             reference = e_slab + refs[atoms.get_chemical_symbols()[-1]]
-            for fid, frame in enumerate(_trajectory(atoms, reference, spec, rng)):
-                a2g = labelled_a2g if labelled else unlabelled_a2g
-                data.append(_to_data(a2g, frame, fixed, sid, fid, labelled))
+            initial = _to_data(unlabelled_a2g, atoms, fixed, sid, 0, False)
+            relaxed = atoms.copy()
+            relaxed.calc = EMT()
+            BFGS(relaxed, logfile=None).run(fmax=0.02, steps=200)
+            initial.pos_relaxed = torch.as_tensor(relaxed.positions, dtype=torch.float32)
+            initial.y_relaxed = float(relaxed.get_potential_energy() - reference)
+            initial.y_init = float(atoms.get_potential_energy() - reference)
+            relax.append(initial)
             sid += 1
-        write_lmdb(root / split / "data.lmdb", data)
-        logging.info(f"toy S2EF: wrote {len(data)} {split} frames to {root / split}")
-    relax = []
-    for _ in range(spec.relax_systems):
-        atoms, fixed, e_slab, name = _build_system(rng, spec)
-        reference = e_slab + refs[atoms.get_chemical_symbols()[-1]]
-        initial = _to_data(unlabelled_a2g, atoms, fixed, sid, 0, False)
-        relaxed = atoms.copy()
-        relaxed.calc = EMT()
-        BFGS(relaxed, logfile=None).run(fmax=0.02, steps=200)
-        initial.pos_relaxed = torch.as_tensor(relaxed.positions, dtype=torch.float32)
-        initial.y_relaxed = float(relaxed.get_potential_energy() - reference)
-        initial.y_init = float(atoms.get_potential_energy() - reference)
-        relax.append(initial)
-        sid += 1
-    write_lmdb(root / "relax" / "data.lmdb", relax)
-    (root / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
+        write_split(stage / "relax", relax)
+        (stage / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
     return root
 
 
