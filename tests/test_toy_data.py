@@ -68,3 +68,29 @@ def test_reproducible_and_not_regenerated(tmp_path, toy_root):
     stamp = (again / "val" / "data.lmdb").stat().st_mtime_ns
     ensure_toy_data(again, SMALL_SPEC)  # same spec: nothing rewritten
     assert (again / "val" / "data.lmdb").stat().st_mtime_ns == stamp
+
+
+def test_crafted_lmdb_value_is_refused_and_never_runs(tmp_path):
+    """read_lmdb (also behind the local evaluator) unpickles only what a PyG Data frame holds."""
+    import pickle
+
+    import lmdb
+    import pytest
+
+    from ocp_deq.data import read_lmdb
+    from ocp_deq.data.lmdb_io import UnsafeFrameError
+
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    env = lmdb.open(str(tmp_path / "data.lmdb"), subdir=False, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", pickle.dumps(Payload()))
+        txn.put(b"length", pickle.dumps(1))
+    env.close()
+    with pytest.raises(UnsafeFrameError, match=r"data.lmdb key '0': refusing to unpickle io.open"):
+        read_lmdb(tmp_path / "data.lmdb")
+    assert not marker.exists()

@@ -10,6 +10,7 @@ of outputs are written beside the old ones and swapped in together (:func:`stage
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import shutil
@@ -19,6 +20,7 @@ from typing import Iterable
 
 import lmdb
 import numpy as np
+import torch
 
 _MAP_SIZE = 1 << 40  # sparse file: only what is written takes disk space
 
@@ -77,6 +79,44 @@ def staged_outputs(folder: str | Path, names: Iterable[str]):
     shutil.rmtree(stage, ignore_errors=True)
 
 
+class UnsafeFrameError(pickle.UnpicklingError):
+    """An LMDB value that asks to unpickle something a PyG ``Data`` frame never holds."""
+
+
+def _load_storage(data: bytes):
+    # torch.storage._load_from_bytes would torch.load these bytes with weights_only=False
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+class FrameUnpickler(pickle.Unpickler):
+    """Unpickles what a PyG ``Data`` frame is made of and nothing else: a crafted LMDB value
+    cannot run code."""
+
+    ALLOWED = {
+        ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_tensor"), ("torch", "Size"), ("builtins", "set"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def __init__(self, file, where: str = "LMDB value"):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_storage
+        if (module, name) in self.ALLOWED or module.startswith("torch_geometric.data."):
+            return super().find_class(module, name)
+        raise UnsafeFrameError(f"{self.where}: refusing to unpickle {module}.{name} (not part of a PyG Data frame)")
+
+
+def load_frame(raw: bytes, where: str = "LMDB value"):
+    """One pickled LMDB value (a frame, or the ``length``), through :class:`FrameUnpickler`."""
+    return FrameUnpickler(io.BytesIO(raw), where).load()
+
+
 def read_lmdb(path: str | Path) -> list:
     """All frames of one LMDB file (or of every ``*.lmdb`` in a folder), in key order."""
     path = Path(path)
@@ -88,7 +128,7 @@ def read_lmdb(path: str | Path) -> list:
         env = lmdb.open(str(file), subdir=False, readonly=True, lock=False)
         with env.begin() as txn:
             raw = txn.get(b"length")
-            length = pickle.loads(raw) if raw is not None else env.stat()["entries"]
-            frames.extend(pickle.loads(txn.get(str(i).encode("ascii"))) for i in range(length))
+            length = load_frame(raw, f"{file} key 'length'") if raw is not None else env.stat()["entries"]
+            frames.extend(load_frame(txn.get(str(i).encode("ascii")), f"{file} key '{i}'") for i in range(length))
         env.close()
     return frames
