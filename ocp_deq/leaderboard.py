@@ -14,6 +14,7 @@ metrics locally on labelled LMDB frames (same numbers as fairchem's ``Evaluator`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -116,8 +117,8 @@ def _check_group(arrays: dict, prefix: str, where: str, rows_field: str, floats)
             overflow = value.dtype == np.float16 and kind == "inf"
             hint = " (beyond float16's range of ±65504: use float32)" if overflow else ""
             fail(field, f"contains {kind}{hint}")
-    if "energy" in a and a["energy"].shape != (n,):
-        fail("energy", f"must be flat with one value per id ({n}), got shape {a['energy'].shape}")
+    if "energy" in a and a["energy"].shape not in ((n,), (n, 1)):  # fairchem's merging writes [N, 1]
+        fail("energy", f"must hold one value per id ({n}), flat or [N, 1], got shape {a['energy'].shape}")
     rows = a[rows_field]
     if rows.ndim != 2 or rows.shape[1] != 3:
         fail(rows_field, f"must be a stacked [M, 3] array, got shape {rows.shape}")
@@ -135,7 +136,23 @@ def _check_group(arrays: dict, prefix: str, where: str, rows_field: str, floats)
             fail("chunk_idx", f"last value {chunk[-1]} exceeds the {len(rows)} rows of '{prefix}{rows_field}'")
 
 
-def _validate(source, rows_field: str, floats) -> None:
+def _suspicious_splits(arrays: dict, rows_field: str) -> list[str]:
+    """Warnings for splits that share ids or hold identical predictions (a copy-paste, or
+    one split's results filed under another's name)."""
+    warnings = []
+    for i, first in enumerate(SPLITS):
+        for second in SPLITS[i + 1:]:
+            shared = np.intersect1d(arrays[f"{first}_ids"], arrays[f"{second}_ids"])
+            if len(shared):
+                warnings.append(f"splits '{first}' and '{second}' share {len(shared)} id(s), e.g. '{shared[0]}': "
+                                "ids must belong to one test split")
+            a, b = arrays[f"{first}_{rows_field}"], arrays[f"{second}_{rows_field}"]
+            if a.shape == b.shape and np.array_equal(a, b):
+                warnings.append(f"splits '{first}' and '{second}' hold identical '{rows_field}' predictions")
+    return warnings
+
+
+def _validate(source, rows_field: str, floats) -> list[str]:
     arrays = _as_arrays(source)
     fields = S2EF_FIELDS if rows_field == "forces" else IS2RS_FIELDS
     expected = {f"{split}_{field}" for split in SPLITS for field in fields}
@@ -146,16 +163,19 @@ def _validate(source, rows_field: str, floats) -> None:
         if not any(key.startswith(f"{split}_") for key in arrays):
             raise SubmissionError(f"split '{split}' is missing (no '{split}_*' keys)")
         _check_group(arrays, f"{split}_", f"split '{split}'", rows_field, floats)
+    return _suspicious_splits(arrays, rows_field)
 
 
-def validate_s2ef_submission(path_or_dict) -> None:
-    """Raise :class:`SubmissionError` unless this is a well-formed EvalAI S2EF submission."""
-    _validate(path_or_dict, "forces", _S2EF_FLOATS)
+def validate_s2ef_submission(path_or_dict) -> list[str]:
+    """Raise :class:`SubmissionError` unless this is a well-formed EvalAI S2EF submission
+    (energies flat or [N, 1], as fairchem's own merging writes them); returns warnings."""
+    return _validate(path_or_dict, "forces", _S2EF_FLOATS)
 
 
-def validate_is2rs_submission(path_or_dict) -> None:
-    """Raise :class:`SubmissionError` unless this is a well-formed EvalAI IS2RS submission."""
-    _validate(path_or_dict, "pos", _IS2RS_FLOATS)
+def validate_is2rs_submission(path_or_dict) -> list[str]:
+    """Raise :class:`SubmissionError` unless this is a well-formed EvalAI IS2RS submission;
+    returns warnings."""
+    return _validate(path_or_dict, "pos", _IS2RS_FLOATS)
 
 
 # ----------------------------------------------------------------------------- merging
@@ -213,7 +233,8 @@ def _write_atomic(out_path, arrays: dict, validate) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez_compressed(fh, **arrays)
-        validate(tmp)  # what we wrote reads back as a valid submission
+        for warning in validate(tmp):  # what we wrote reads back as a valid submission
+            logging.getLogger("ocp_deq").warning(f"{out}: {warning}")
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:

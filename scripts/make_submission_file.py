@@ -46,8 +46,11 @@ def main(argv=None) -> int:
         if args.validate:
             if explicit or args.results_dir or args.out:
                 raise ValueError("--validate takes only a file (and --is2rs)")
-            (lb.validate_is2rs_submission if args.is2rs else lb.validate_s2ef_submission)(args.validate)
-            print(f"{args.validate}: valid {'IS2RS' if args.is2rs else 'S2EF'} submission")
+            warnings = (lb.validate_is2rs_submission if args.is2rs else lb.validate_s2ef_submission)(args.validate)
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            print(f"{args.validate}: valid {'IS2RS' if args.is2rs else 'S2EF'} submission"
+                  + (f" with {len(warnings)} warning(s)" if warnings else ""))
             return 0
         if bool(explicit) == bool(args.results_dir):
             raise ValueError("give either --results-dir or all four of --id --ood-ads --ood-cat --ood-both")

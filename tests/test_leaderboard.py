@@ -172,7 +172,7 @@ BROKEN = {
     "missing split": (_drop(*(f"ood_both_{f}" for f in lb.S2EF_FIELDS)), "split 'ood_both'", "missing"),
     "missing key": (_drop("ood_ads_chunk_idx"), "split 'ood_ads'", "ood_ads_chunk_idx"),
     "energy too short": (_set("ood_ads_energy", lambda a: a[:-1]), "key 'ood_ads_energy'", "one value per id"),
-    "energy not flat": (_set("id_energy", lambda a: a[:, None]), "key 'id_energy'", "flat"),
+    "energy two columns": (_set("id_energy", lambda a: np.stack([a, a], 1)), "key 'id_energy'", "one value per id"),
     "ids too long": (_set("ood_cat_ids", lambda a: np.append(a, "99_9")), "key 'ood_cat_energy'", "one value per id"),
     "chunk_idx length N": (_set("id_chunk_idx", lambda a: np.append(a, a[-1])), "key 'id_chunk_idx'", "len(ids) - 1"),
     "chunk_idx beyond forces": (_short_forces, "key 'ood_both_chunk_idx'", "exceeds"),
@@ -446,3 +446,30 @@ def test_scripts_argument_errors(s2ef_files, labelled, tmp_path, capsys):
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["x", "data", "mean"]
     assert rows[2][1:5] == rows[0][1:5] and rows[2][5] == "6"  # mean of two equal splits; systems summed
+
+
+def test_fairchems_own_merged_file_is_valid(s2ef_files, tmp_path):
+    """fairchem's make_submission_file (energies as written by predict, [N, 1] float16 from
+    some heads) produces a file our validator accepts, without warnings."""
+    import argparse
+
+    from fairchem.core.scripts import make_submission_file as fairchem_merge
+
+    files, _ = s2ef_files
+    out = tmp_path / "fairchem_submission.npz"
+    args = argparse.Namespace(dataset="OC20", out_path=str(out), is2re_relaxations=False, hybrid=False,
+                              **{split.replace("-", "_"): str(files[split]) for split in lb.SPLITS})
+    fairchem_merge.main(args)
+    with np.load(out) as npz:
+        assert npz["ood_cat_energy"].shape[1:] == (1,)  # the [N, 1] layout
+    assert lb.validate_s2ef_submission(out) == []
+
+
+def test_copied_splits_and_shared_ids_are_warned(good_submission):
+    copied = dict(good_submission)
+    for field in lb.S2EF_FIELDS:
+        copied[f"ood_both_{field}"] = good_submission[f"id_{field}"]
+    warnings = lb.validate_s2ef_submission(copied)
+    assert any("splits 'id' and 'ood_both' share" in w for w in warnings)
+    assert any("splits 'id' and 'ood_both' hold identical 'forces' predictions" in w for w in warnings)
+    assert lb.validate_s2ef_submission(good_submission) == []
