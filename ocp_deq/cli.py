@@ -11,6 +11,7 @@ line (exit status 2); configs with a
 
 from __future__ import annotations
 
+import datetime
 import functools
 import sys
 from pathlib import Path
@@ -150,6 +151,22 @@ def check_checkpoint(args) -> None:
         raise ConfigError(f"--checkpoint: {error}") from None
 
 
+def claim_run_id(run_dir: str, identifier: str | None) -> str:
+    """fairchem names a run ``<start time>-<identifier>`` from a float32 timestamp, so runs
+    started within ~2 minutes of each other share folders. Claim a free name to the second
+    instead (creating its checkpoint folder, so a concurrent start takes the next second)."""
+    now = datetime.datetime.now()
+    while True:
+        run_id = now.strftime("%Y-%m-%d-%H-%M-%S") + (f"-{identifier}" if identifier else "")
+        if not (Path(run_dir) / "results" / run_id).exists():
+            try:
+                (Path(run_dir) / "checkpoints" / run_id).mkdir(parents=True)
+                return run_id
+            except FileExistsError:
+                pass
+        now += datetime.timedelta(seconds=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = Flags().get_parser()
     add_cluster_flags(parser)
@@ -169,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     fairchem_cli.runner_wrapper = runner_wrapper
     fairchem_cli.AutoExecutor = functools.partial(SubmititExecutor, cluster=args.submitit_cluster, cpu=args.cpu)
     warn_if_unresumable(args)
+    if args.timestamp_id is None and args.sweep_yml is None:
+        args.timestamp_id = claim_run_id(args.run_dir, args.identifier)
     fairchem_cli.main(args, override_args)
 
 

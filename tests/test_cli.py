@@ -166,3 +166,12 @@ def test_nonfinite_loss_stops_or_skips_with_the_system_ids(toy_root, tmp_path, a
     else:
         assert proc.returncode == 0, log[-3000:]
         assert "batch skipped (model.deq.on_nonfinite=skip)" in log
+
+
+def test_runs_started_together_get_distinct_folders(tmp_path):
+    """fairchem's float32 timestamps put runs started within ~2 minutes in one folder."""
+    from ocp_deq.cli import claim_run_id
+
+    ids = [claim_run_id(str(tmp_path), "same") for _ in range(3)]
+    assert len(set(ids)) == 3 and all(i.endswith("-same") for i in ids)
+    assert all((tmp_path / "checkpoints" / i).is_dir() for i in ids)
