@@ -165,8 +165,8 @@ def test_molecule_models_use_the_free_space_graph(path, molecule_root):
 def predictions(model, frame, seed=123, batch=False):
     torch.manual_seed(seed)  # EquiformerV2 draws a random roll per edge in each forward
     out = model(frame if batch else data_list_collater([frame], otf_graph=True))
-    if "deq_nstep" in out:  # a fixed number of solver steps for every input
-        assert out["deq_nstep"].eq(model.backbone.deq_settings.eval_solver.max_iter).all()
+    if "deq_nstep" in out:  # a real fixed point, not a truncated iteration
+        assert out["deq_converged"].all(), out["deq_residual"]
     return out["energy"].detach(), out["forces"].detach()
 
 
@@ -203,21 +203,20 @@ def test_equivariance_without_pbc(molecule_root):
     (bound: 10x its largest error over the same random initialisations, rotations and input).
 
     At random initialisation f is barely contractive on a 9-atom molecule (Anderson stalls
-    near 1e-3 relative residual, so a tight solve runs to max_iter and amplifies round-off;
-    the toy slabs converge, see test_model.py). So the tolerance here is unreachable and
-    every solve takes exactly 4 Anderson steps, as many block evaluations as the explicit
-    model: each iterate of an equivariant f from z0 = 0, mixing included, is equivariant.
-    Measured: relative force error DEQ <= 1.4e-3, explicit 4 blocks <= 1.7e-3.
+    near 1e-3 relative residual). Scaling the post-norm's gain down makes it a contraction,
+    so every solve here reaches relative residual 3e-3 (float32 round-off in f sits near 1e-3): the symmetry of the fixed point
+    itself is tested, not that of a truncated iteration.
     """
     trajectory = read_lmdb(molecule_root / "test")
     frame = trajectory[4]
     graph = dict(use_pbc=False, otf_graph=True, max_neighbors=100000, max_radius=CUTOFF)
-    steps = 4
     deq_errors, reference = [], []
     for seed in range(3):
         torch.manual_seed(seed)
         deq = registry.get_model_class("deq_equiformer_v2")(
-            **graph, **TINY_MODEL, num_layers=1, deq={"eval_solver": {"tol": 1e-12, "max_iter": steps}}).eval()
+            **graph, **TINY_MODEL, num_layers=1, deq={"eval_solver": {"tol": 3e-3, "max_iter": 200}}).eval()
+        with torch.no_grad():
+            deq.backbone.deq_post_norm.affine_weight.mul_(0.2)
         torch.manual_seed(seed)
         explicit = registry.get_model_class("equiformer_v2")(**graph, **TINY_MODEL, num_layers=4).eval()
         deq_errors.append(symmetry_errors(deq, frame, trajectory))
@@ -320,3 +319,5 @@ def test_ordered_evaluation_on_the_test_trajectory(trained):
     # accuracy with and without reuse, both logged (val, then val_cold)
     maes = numbers(r"forces_mae: ([0-9.e+-]+)", proc.stdout + proc.stderr)
     assert len(maes) >= 2 and np.isfinite(maes[-2:]).all()
+    warm_mae, cold_mae = maes[-2:]
+    assert abs(warm_mae - cold_mae) <= 0.05 * cold_mae, (warm_mae, cold_mae)  # reuse costs no accuracy

@@ -5,7 +5,6 @@ import itertools
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -157,28 +156,3 @@ def test_fresh_import_is_quiet_and_ready():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "20"
     assert "pyg-lib" not in proc.stderr and "torch-cluster" not in proc.stderr, proc.stderr
-
-
-def _best_and_median_ms(fn, runs):
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[0] * 1e3, times[len(times) // 2] * 1e3
-
-
-def test_timing_300_atoms(capsys):
-    """Not an assertion on speed: prints the time for a ~300 atom molecule and a batch of 8."""
-    gen = torch.Generator().manual_seed(6)
-    pos = torch.rand(300, 3, generator=gen) * 14.0  # ~0.1 atoms / A^3, like an organic molecule
-    n_edges = radius_graph(pos, r=6.0, max_num_neighbors=20).shape[1]
-    single = _best_and_median_ms(lambda: radius_graph(pos, r=6.0, max_num_neighbors=20), 30)
-    batch_pos = torch.rand(8 * 300, 3, generator=gen) * 14.0
-    batch = torch.arange(8).repeat_interleave(300)
-    batched = _best_and_median_ms(lambda: radius_graph(batch_pos, r=6.0, batch=batch, max_num_neighbors=20), 10)
-    with capsys.disabled():
-        print(f"\n[radius_graph timing, best / median] 300 atoms, r=6 A, cap 20 ({n_edges} edges): "
-              f"{single[0]:.2f} / {single[1]:.2f} ms; batch of 8 x 300: {batched[0]:.2f} / {batched[1]:.2f} ms")

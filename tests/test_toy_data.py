@@ -42,13 +42,21 @@ def test_oc20_conventions(toy_root):
 
 
 def test_labels_are_emt_energies_and_forces(toy_root):
-    """Forces are -dE/dx of the stored (referenced) energy: check with a finite difference."""
+    """Stored energies are EMT energies minus one constant per system (its reference), and
+    stored forces are EMT forces = -dE/dx, checked by a finite difference of the energy."""
     from ase import Atoms
     from ase.calculators.emt import EMT
 
-    frame = read_lmdb(toy_root / "train")[2]
-    atoms = Atoms(numbers=frame.atomic_numbers.numpy(), positions=frame.pos.double().numpy(),
-                  cell=frame.cell[0].double().numpy(), pbc=True, calculator=EMT())
+    frames = read_lmdb(toy_root / "train")
+    frame = frames[2]
+
+    def emt(f):
+        return Atoms(numbers=f.atomic_numbers.numpy(), positions=f.pos.double().numpy(),
+                     cell=f.cell[0].double().numpy(), pbc=True, calculator=EMT())
+
+    offsets = [emt(f).get_potential_energy() - f.energy for f in frames if f.sid == frame.sid]
+    assert len(offsets) == FRAMES_PER_SYSTEM and np.ptp(offsets) < 1e-3  # one reference per system
+    atoms = emt(frame)
     np.testing.assert_allclose(atoms.get_forces(), frame.forces.numpy(), atol=2e-4)
     h, atom = 1e-4, int(frame.natoms) - 1
     energies = []
@@ -94,3 +102,29 @@ def test_crafted_lmdb_value_is_refused_and_never_runs(tmp_path):
     with pytest.raises(UnsafeFrameError, match=r"data.lmdb key '0': refusing to unpickle io.open"):
         read_lmdb(tmp_path / "data.lmdb")
     assert not marker.exists()
+
+
+def test_interrupted_regeneration_keeps_the_previous_data(tmp_path, monkeypatch):
+    """A new seed's generation that fails half way leaves the old data and spec as they were."""
+    import json
+
+    import pytest
+
+    from ocp_deq.data import toy_s2ef
+
+    root = generate_toy_data(tmp_path / "toy", SMALL_SPEC)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    calls, original = [], toy_s2ef.write_split
+
+    def failing(folder, frames):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(folder, frames)
+
+    monkeypatch.setattr(toy_s2ef, "write_split", failing)
+    other = toy_s2ef.ToySpec(**{**SMALL_SPEC.__dict__, "seed": 7})
+    with pytest.raises(KeyboardInterrupt):
+        ensure_toy_data(root, other)
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before and json.loads((root / toy_s2ef.SPEC_FILE).read_text())["seed"] == SMALL_SPEC.seed
