@@ -132,6 +132,23 @@ def reuse_vs_cold(checkpoint, frame, steps, temperature, every) -> dict:
             "mean_max_abs_force_eV_per_A": float(np.mean(force)), "mean_relative_force": float(np.mean(relative))}
 
 
+DEQ_MODELS = ("deq_equiformer_v2",)
+EXPLICIT_MODELS = ("equiformer_v2", "equiformer_v2_backbone_and_heads")
+
+
+def checkpoint_model(path, allowed: tuple, parser) -> dict:
+    """The model a checkpoint holds (name, blocks), refused unless it is one of ``allowed``."""
+    from ocp_deq.trainers.checkpointing import CheckpointError, load_checkpoint_file
+
+    try:
+        model = (load_checkpoint_file(path).get("config") or {}).get("model", {})
+    except CheckpointError as error:
+        parser.error(str(error))
+    if model.get("name") not in allowed:
+        parser.error(f"{path} holds a '{model.get('name')}' model; expected one of {allowed}")
+    return {"path": str(path), "model": model["name"], "num_layers": model.get("num_layers")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="trained ocp_deq checkpoint")
@@ -145,8 +162,12 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args(argv)
 
+    checkpoints = {"deq": checkpoint_model(args.checkpoint, DEQ_MODELS, parser)}
+    if args.explicit_checkpoint:
+        checkpoints["explicit"] = checkpoint_model(args.explicit_checkpoint, EXPLICIT_MODELS, parser)
     frames = read_lmdb(Path(args.data) / "relax")[: args.relax_systems]
-    result = {"checkpoint": str(args.checkpoint), "relaxations": {}, "md": {}, "threads": torch.get_num_threads()}
+    result = {"checkpoint": str(args.checkpoint), "checkpoints": checkpoints, "relaxations": {}, "md": {},
+              "threads": torch.get_num_threads()}
     md_runs = {}
     runs = dict(STRATEGIES, **({EXPLICIT: EXPLICIT} if args.explicit_checkpoint else {}))
     for name, start in runs.items():
@@ -181,7 +202,10 @@ def markdown(result: dict) -> str:
         return f"{n:.2f}", f"{n / part['cold']['mean_nstep_per_step']:.2f}"
 
     for name in relax:
-        label = "explicit EquiformerV2 (4 blocks)" if name == EXPLICIT else f"DEQ {name}"
+        if name == EXPLICIT:
+            label = f"explicit EquiformerV2 ({result['checkpoints']['explicit']['num_layers']} blocks)"
+        else:
+            label = f"DEQ {name}"
         r, m = relax[name], md[name]
         lines.append(f"| {label} | {' | '.join(evals(relax, name))} | {r['wall_time_per_step_s']:.3f} | "
                      f"{r['wall_time_per_run_s']:.2f} | {' | '.join(evals(md, name))} | {m['wall_time_per_step_s']:.3f} |")

@@ -53,7 +53,10 @@ def test_radial_functions_run_once_per_forward():
     model = build("ift", solver={"solver": "anderson", "tol": 1e-8, "max_iter": 30}).eval()
     calls = []
     rad = model.backbone.blocks[0].ga.so2_conv_1.rad_func
-    rad.register_forward_hook(lambda *args: calls.append(1))
+    rad.net.register_forward_hook(lambda *args: calls.append(1))  # the radial MLP itself
+    mid_forward = []  # what a checkpoint written by a signal handler during f would hold
+    model.backbone.blocks[0].register_forward_pre_hook(lambda *args: mid_forward.append(set(model.state_dict())))
     torch.manual_seed(3)
     out = model(two_molecules())
     assert out["deq_nstep"].max() > 5 and len(calls) == 1
+    assert "forward" not in vars(rad) and mid_forward and all(keys == set(model.state_dict()) for keys in mid_forward)

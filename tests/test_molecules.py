@@ -204,8 +204,9 @@ def test_equivariance_without_pbc(molecule_root):
 
     At random initialisation f is barely contractive on a 9-atom molecule (Anderson stalls
     near 1e-3 relative residual). Scaling the post-norm's gain down makes it a contraction,
-    so every solve here reaches relative residual 3e-3 (float32 round-off in f sits near 1e-3): the symmetry of the fixed point
-    itself is tested, not that of a truncated iteration.
+    so every solve here converges to relative residual 3e-3 (float32 round-off in f sits
+    near 1e-3): the symmetry of the fixed point itself is tested, not that of a truncated
+    iteration.
     """
     trajectory = read_lmdb(molecule_root / "test")
     frame = trajectory[4]

@@ -57,34 +57,25 @@ def _check_graph(data, graph, cutoff: float) -> None:
         raise InvalidStructureError(f"no pair of atoms within max_radius={cutoff} A in system(s) {_systems(data, lonely)}")
 
 
-class _Given(torch.nn.Module):
-    """Stands in for a radial function whose output was computed once per forward."""
-
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.value = value
-
-    def forward(self, _):
-        return self.value
-
-
 @contextlib.contextmanager
 def _edge_features_given(attention, features: dict):
     """Run fairchem's attention with its graph-only edge features (atom-type edge embeddings
-    and radial functions of the SO(2) convolution) taken from ``features``."""
-    conv = attention.so2_conv_1
-    saved = attention.use_atom_edge_embedding, conv.rad_func, getattr(attention, "rad_func", None)
+    and radial functions of the SO(2) convolution) taken from ``features``. Only plain
+    attributes change (an instance ``forward``, a flag): the modules and their state_dict
+    stay as they are, even for a checkpoint written by a signal handler mid-forward."""
+    given = [(module, features[key]) for module, key in ((attention.so2_conv_1.rad_func, "conv"),
+                                                          (getattr(attention, "rad_func", None), "shared"))
+             if features[key] is not None]
+    saved = attention.use_atom_edge_embedding
     attention.use_atom_edge_embedding = False
-    if features["conv"] is not None:
-        conv.rad_func = _Given(features["conv"])
-    if features["shared"] is not None:
-        attention.rad_func = _Given(features["shared"])
+    for module, value in given:
+        module.forward = lambda _, value=value: value
     try:
         yield
     finally:
-        attention.use_atom_edge_embedding, conv.rad_func = saved[0], saved[1]
-        if features["shared"] is not None:
-            attention.rad_func = saved[2]
+        attention.use_atom_edge_embedding = saved
+        for module, _ in given:
+            del module.forward
 
 
 def _edge_features(attention, graph) -> dict:
