@@ -15,14 +15,14 @@ from conftest import REPO
 def test_benchmark_measures_each_configuration(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark_memory.py"), "--sizes", "1,2", "--gradients", "phantom",
-         "--model-sizes", "8:2:1", "--batch", "1", "--steps", "1", "--out", str(tmp_path)],
+         "--model-sizes", "8:2:2", "--batch", "1", "--steps", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[3/3] width 8, lmax 2, mmax 1: phantom, 1 block(s) ..." in proc.stdout  # progress
+    assert "[3/3] width 8, lmax 2, mmax 2: phantom, 1 block(s) ..." in proc.stdout  # progress
     rows = json.loads((tmp_path / "memory.json").read_text())
     assert [(r["lmax"], r["mmax"], r["model"], r["gradient"], r["blocks"]) for r in rows] == [
-        (2, 1, "equiformer_v2", None, 1), (2, 1, "equiformer_v2", None, 2), (2, 1, "deq_equiformer_v2", "phantom", 1)]
+        (2, 2, "equiformer_v2", None, 1), (2, 2, "equiformer_v2", None, 2), (2, 2, "deq_equiformer_v2", "phantom", 1)]
     for row in rows:
         assert row["peak_memory_mb"] > 0 and row["time_per_step_s"] > 0
         assert 60 <= row["atoms"] <= 100 and row["systems"] == 1
@@ -32,7 +32,7 @@ def test_benchmark_measures_each_configuration(tmp_path):
     assert deq["mean_solver_evals"] >= 1
     assert deq["effective_depth"] == deq["mean_solver_evals"] * deq["blocks"]
     table = (tmp_path / "memory.md").read_text()
-    assert "| width 8, lmax 2, mmax 1 | DEQ phantom, 1 block in f |" in table and "| explicit, 2 blocks |" in table
+    assert "| width 8, lmax 2, mmax 2 | DEQ phantom, 1 block in f |" in table and "| explicit, 2 blocks |" in table
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
