@@ -15,7 +15,7 @@ import torch
 
 from ocp_deq.deq.problem import FixedPointProblem, Segments
 from ocp_deq.deq.settings import SolverSettings
-from ocp_deq.deq.solvers import Solution, Work, solve
+from ocp_deq.deq.solvers import Solution, solve
 
 
 def phantom(problem: FixedPointProblem, z_star: torch.Tensor, steps: int, tau: float) -> torch.Tensor:
@@ -121,4 +121,4 @@ def unrolled(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSetti
     return stats.z, stats
 
 
-__all__ = ["phantom", "implicit", "unrolled", "BackwardReport", "Work"]
+__all__ = ["phantom", "implicit", "unrolled", "BackwardReport"]
