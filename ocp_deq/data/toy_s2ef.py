@@ -45,15 +45,15 @@ class ToySpec:
     fixed_layers: int = 2
     systems: dict = None  # split -> number of systems (trajectories)
     relax_systems: int = 4
-    relax_frames: int = 6
-    md_frames: int = 6
+    relax_frames: int = 4
+    md_frames: int = 4
     md_interval: int = 5
     md_temperature_K: float = 600.0
 
     def __post_init__(self):
         self.slab_size = tuple(self.slab_size)
         if self.systems is None:
-            self.systems = {"train": 24, "val": 6, "test": 6}
+            self.systems = {"train": 96, "val": 12, "test": 6}
 
 
 def _reference_energies() -> dict:

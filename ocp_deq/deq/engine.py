@@ -12,6 +12,7 @@ import torch
 from torchdeq.loss import jac_reg
 
 from ocp_deq.deq import gradients
+from ocp_deq.deq.contraction import spectral_radius
 from ocp_deq.deq.problem import FixedPointProblem
 from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQSettings, SolverSettings
@@ -19,6 +20,8 @@ from ocp_deq.deq.solvers import Solution, solve
 
 # Per-graph solver statistics in every DEQ model output.
 SOLVER_STAT_KEYS = ("deq_nstep", "deq_residual", "deq_converged")
+# ... and, when they apply, which graphs started warm and their estimated contraction.
+OPTIONAL_STAT_KEYS = ("deq_warm", "deq_contraction")
 
 
 @dataclass
@@ -29,11 +32,17 @@ class Equilibrium:
     backward: gradients.BackwardReport | None = None  # IFT: filled when autograd runs
     jacobian_loss: torch.Tensor | None = None
     warm: torch.Tensor | None = None  # graphs started from a cached fixed point
+    contraction: torch.Tensor | None = None  # per-graph spectral radius of df/dz at z*, when estimated
 
     def stats(self) -> dict:
         s = self.solution
-        return {"deq_nstep": s.nstep.detach().float(), "deq_residual": s.residual.detach(),
-                "deq_converged": s.converged.detach(), "deq_work": s.work}
+        stats = {"deq_nstep": s.nstep.detach().float(), "deq_residual": s.residual.detach(),
+                 "deq_converged": s.converged.detach(), "deq_work": s.work}
+        if self.warm is not None:
+            stats["deq_warm"] = self.warm.detach()
+        if self.contraction is not None:
+            stats["deq_contraction"] = self.contraction
+        return stats
 
 
 def correction_steps(solver: SolverSettings, n_states: int) -> list[int]:
@@ -68,13 +77,15 @@ def solve_from_starts(problem: FixedPointProblem, z0: torch.Tensor, warm: torch.
 def equilibrium(problem: FixedPointProblem, settings: DEQSettings, like: torch.Tensor, *,
                 training: bool, needs_grad: bool, exact_grad: bool,
                 z0: torch.Tensor | None = None, solver: SolverSettings | None = None,
-                cache: FixedPointCache | None = None, keys: list | None = None, numbers: list | None = None) -> Equilibrium:
+                cache: FixedPointCache | None = None, keys: list | None = None, numbers: list | None = None,
+                contraction_iters: int = 0) -> Equilibrium:
     """Find z* of every graph and attach gradients.
 
     ``needs_grad``: autograd wants gradients (training, or conservative forces);
     ``exact_grad``: derivatives w.r.t. inputs are taken (positions), so phantom gradients
-    give way to IFT. ``cache`` (evaluation only): warm starts per system ``keys`` with
-    atomic ``numbers``; the fixed points found are stored back.
+    give way to IFT. ``cache``: warm starts per system (or training frame) ``keys`` with
+    atomic ``numbers``; the fixed points found are stored back. ``contraction_iters`` > 0:
+    also estimate each graph's contraction at z* (``ocp_deq.deq.contraction``).
     """
     solver = solver or (settings.train_solver if training else settings.eval_solver)
     warm = None
@@ -105,6 +116,8 @@ def equilibrium(problem: FixedPointProblem, settings: DEQSettings, like: torch.T
     if needs_grad and training and _jacobian_due(settings):
         zj = solution.z.detach().requires_grad_()
         result.jacobian_loss = jac_reg(problem.f(zj), zj, vecs=int(settings.jacobian.vectors))
+    if contraction_iters > 0:
+        result.contraction = spectral_radius(problem, solution.z, contraction_iters)
     if cache is not None:
         cache.store_all(keys, numbers, solution.z)
         cache.record({"keys": keys, "warm": warm.cpu(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ocp_deq.deq.settings import ReuseSettings
+from ocp_deq.deq.settings import ReuseSettings, TrainStartSettings
 
 
 @dataclass
@@ -89,7 +89,11 @@ class FixedPointCache:
             entry.states = [*entry.states[-1:], state]
         self._entries.move_to_end(key)
         while len(self._entries) > int(self.settings.max_systems):
-            self._entries.popitem(last=False)
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entry."""
+        self._entries.popitem(last=False)
 
     def starts(self, keys: list, numbers: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Start states [N, ...] for a batch (zeros where cold) and the warm graphs [B]."""
@@ -107,3 +111,62 @@ class FixedPointCache:
         self.last = stats
         if self.history is not None:
             self.history.append(stats)
+
+
+class TrainingFrameMemory(FixedPointCache):
+    """Warm starts for training solves (``model.deq.train_start``): the fixed point each
+    training frame reached when last seen, keyed by ``(sid, fid)``, across epochs.
+
+    The weights have moved since, so it is a start, not an answer: the solve still runs to
+    the training tolerance. A frame never seen (or dropped) starts from the stored frame of
+    the same trajectory (same ``sid``, same atoms) with the nearest ``fid`` when
+    ``same_trajectory`` is on, else cold. States are kept on the CPU in ``dtype``; the
+    least recently used frames are dropped beyond ``memory_mb``.
+    """
+
+    def __init__(self, settings: TrainStartSettings):
+        super().__init__(ReuseSettings(max_systems=2**62))
+        self.train_settings = settings
+        self.dtype = getattr(torch, settings.dtype)
+        self._frames_of: dict = {}  # sid -> set of stored fids
+        self.bytes = 0
+
+    def start(self, key, numbers: torch.Tensor) -> torch.Tensor | None:
+        state = super().start(key, numbers.cpu())
+        if state is None and self.train_settings.same_trajectory:
+            sid, fid = key
+            nearest = sorted(self._frames_of.get(sid, ()), key=lambda other: abs(other - fid))
+            for other in nearest[:1]:
+                state = super().start((sid, other), numbers.cpu())
+        return state
+
+    def store(self, key, numbers: torch.Tensor, fixed_point: torch.Tensor) -> None:
+        old = self._entries.get(key)
+        if old is not None:
+            self.bytes -= sum(s.numel() * s.element_size() for s in old.states)
+        state = fixed_point.detach().to("cpu", self.dtype)
+        self._entries[key] = _Entry(numbers.detach().cpu().clone(), [state])
+        self._entries.move_to_end(key)
+        self._frames_of.setdefault(key[0], set()).add(key[1])
+        self.bytes += state.numel() * state.element_size()
+        while self.bytes > self.train_settings.memory_mb * 2**20 and len(self._entries) > 1:
+            self._evict()
+
+    def _evict(self) -> None:
+        (sid, fid), entry = self._entries.popitem(last=False)
+        self.bytes -= sum(s.numel() * s.element_size() for s in entry.states)
+        self._frames_of[sid].discard(fid)
+        if not self._frames_of[sid]:
+            del self._frames_of[sid]
+
+    def keys_for(self, data) -> list:
+        for name in ("sid", "fid"):
+            if getattr(data, name, None) is None:
+                raise KeyError(f"model.deq.train_start needs '{name}' in every training frame (OC20 LMDB "
+                               f"frames and ocp_deq's converters carry sid and fid); this batch has no '{name}'")
+        ids = (data.sid.tolist() if torch.is_tensor(data.sid) else list(data.sid),
+               data.fid.tolist() if torch.is_tensor(data.fid) else list(data.fid))
+        keys = list(zip(*ids))
+        if len(keys) != data.natoms.numel():
+            raise ValueError(f"model.deq.train_start: {len(keys)} frame ids for {data.natoms.numel()} graphs")
+        return keys

@@ -147,6 +147,26 @@ class ReuseSettings:
             raise DEQConfigError(f"{where}.max_systems must be >= 1, got {self.max_systems}")
 
 
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class TrainStartSettings:
+    """Warm-started training solves from each frame's last fixed point (across epochs) or
+    the nearest stored frame of its trajectory; bounded by ``memory_mb`` (CPU)."""
+
+    enabled: bool = False
+    memory_mb: float = 2048.0
+    same_trajectory: bool = True
+    dtype: str = "float16"
+
+    def validate(self, where: str) -> None:
+        if not self.memory_mb > 0:
+            raise DEQConfigError(f"{where}.memory_mb must be > 0, got {self.memory_mb}")
+        if self.dtype not in DTYPES:
+            raise DEQConfigError(f"{where}.dtype='{self.dtype}' must be one of {DTYPES}")
+
+
 @dataclass
 class DEQSettings:
     """Everything DEQ-specific; lives under ``model: {deq: {...}}`` in the yml."""
@@ -169,6 +189,8 @@ class DEQSettings:
     jacobian: JacobianSettings = field(default_factory=JacobianSettings)
     correction: CorrectionSettings = field(default_factory=CorrectionSettings)
     reuse: ReuseSettings = field(default_factory=ReuseSettings)
+    train_start: TrainStartSettings = field(default_factory=TrainStartSettings)
+    contraction_iters: int = 6
 
     _SECTIONS = {
         "train_solver": SolverSettings,
@@ -177,6 +199,7 @@ class DEQSettings:
         "jacobian": JacobianSettings,
         "correction": CorrectionSettings,
         "reuse": ReuseSettings,
+        "train_start": TrainStartSettings,
     }
 
     @classmethod
@@ -194,5 +217,7 @@ class DEQSettings:
             raise DEQConfigError(f"{where}.grad_steps must be >= 1, got {self.grad_steps}")
         if self.weight_norm and self.spectral_norm:
             raise DEQConfigError(f"{where}: choose one of weight_norm and spectral_norm")
+        if int(self.contraction_iters) < 0:
+            raise DEQConfigError(f"{where}.contraction_iters must be >= 0, got {self.contraction_iters}")
         if not 0 <= self.variational_dropout < 1:
             raise DEQConfigError(f"{where}.variational_dropout must be in [0, 1)")

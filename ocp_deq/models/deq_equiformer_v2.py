@@ -17,8 +17,8 @@ from fairchem.core.models.equiformer_v2.layer_norm import get_normalization_laye
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding
 from torchdeq.norm import apply_norm, reset_norm
 
-from ocp_deq.deq import DEQSettings, SOLVER_STAT_KEYS, Segments, equilibrium
-from ocp_deq.deq.reuse import FixedPointCache
+from ocp_deq.deq import DEQSettings, OPTIONAL_STAT_KEYS, SOLVER_STAT_KEYS, Segments, equilibrium
+from ocp_deq.deq.reuse import FixedPointCache, TrainingFrameMemory
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
 from ocp_deq.models.edge_frames import attach_position_gradient
 
@@ -185,6 +185,7 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
         self.deq_post_norm = norm_layer() if settings.post_norm else None
         if settings.weight_norm or settings.spectral_norm:
             apply_norm(self.blocks, norm_type="weight_norm" if settings.weight_norm else "spectral_norm")
+        self.estimate_contraction = False  # set by the trainer around validation
 
     # -- encoder ---------------------------------------------------------------------
     def encode(self, data):
@@ -240,7 +241,9 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
         Gradients flow when autograd is on and either training or positions require grad
         (conservative forces); derivatives w.r.t. positions always use an exact path (IFT,
         or BPTT when chosen), phantom gradients only serve parameters. ``cache``: warm
-        starts per system (evaluation only).
+        starts per system (evaluation) or per training frame. With ``estimate_contraction``
+        on (the trainer's validation), evaluation forwards also estimate the contraction of
+        f at z* (``deq_contraction``, ``model.deq.contraction_iters`` power iterations).
         """
         reset_norm(self.blocks)
         x, graph = self.encode(data)
@@ -250,9 +253,11 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
         if cache is not None:
             keys = cache.keys_for(data)
             numbers = list(torch.split(data.atomic_numbers.long(), data.natoms.tolist()))
+        estimate = self.estimate_contraction and not self.training
         eq = equilibrium(problem, self.deq_settings, x, training=self.training,
                          needs_grad=torch.is_grad_enabled() and (self.training or exact), exact_grad=exact,
-                         z0=z0, solver=solver, cache=cache, keys=keys, numbers=numbers)
+                         z0=z0, solver=solver, cache=cache, keys=keys, numbers=numbers,
+                         contraction_iters=int(self.deq_settings.contraction_iters) if estimate else 0)
         problem.bind()  # the heads rotate edges with the whole batch's Wigner matrices
         return {
             "node_embedding": self.read_out(eq.z),
@@ -294,6 +299,8 @@ class DEQEquiformerV2(HydraModel):
         )
         self.force_mode = force_mode
         self.fixed_point_cache: FixedPointCache | None = None
+        start = self.backbone.deq_settings.train_start
+        self.training_memory = TrainingFrameMemory(start) if start.enabled else None
 
     @property
     def force_mode(self) -> str:
@@ -334,7 +341,7 @@ class DEQEquiformerV2(HydraModel):
         if reuse and cache is None:
             raise RuntimeError("reuse=True needs an active fixed-point cache: use `with model.reusing(): ...`")
         if reuse is False or z0 is not None or self.training:
-            cache = None
+            cache = self.training_memory if self.training and z0 is None else None
         conservative = self.regress_forces and self.force_mode == "conservative"
         with torch.enable_grad() if conservative else contextlib.nullcontext():
             if conservative:
@@ -349,7 +356,7 @@ class DEQEquiformerV2(HydraModel):
                     out["deq_backward_converged"] = backward.converged.detach()
                 if not create_graph:
                     out = {key: value.detach() for key, value in out.items()}
-        out.update({key: emb[key] for key in (*SOLVER_STAT_KEYS, "deq_work")})
+        out.update({key: emb[key] for key in (*SOLVER_STAT_KEYS, *OPTIONAL_STAT_KEYS, "deq_work") if key in emb})
         out["fixed_point"] = emb["fixed_point"].detach()
         if self.training:
             out["deq_correction"] = [self.predict(data, {**emb, "node_embedding": e}) for e in emb["correction_embeddings"]]

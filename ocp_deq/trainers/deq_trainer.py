@@ -16,9 +16,10 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
 from ocp_deq.data.ordering import frame_ids, trajectory_batches
-from ocp_deq.deq import SOLVER_STAT_KEYS
+from ocp_deq.deq import OPTIONAL_STAT_KEYS, SOLVER_STAT_KEYS
 from ocp_deq.trainers.checkpointing import ResumableCheckpoints
 from ocp_deq.trainers.distributed import all_reduce_step_metrics, log_solver_counts
+from ocp_deq.trainers.wall_clock import BudgetSpent, TrainingClock, follow_budget
 from ocp_deq.trainers.solver_report import plot_reuse_comparison, summarise_solver_log, write_solver_report
 
 
@@ -100,6 +101,40 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         if shared:
             self.test_dataset, self.test_sampler, self.test_loader = self.val_dataset, self.val_sampler, self.val_loader
 
+    def train(self, disable_eval_tqdm: bool = False) -> None:
+        """fairchem's training loop; with ``optim.max_train_seconds`` / ``eval_every_seconds``
+        on a training clock (``ocp_deq.trainers.wall_clock``)."""
+        self._clock = TrainingClock.from_config(self.config)
+        if self._clock is None:
+            return super().train(disable_eval_tqdm)
+        try:
+            super().train(disable_eval_tqdm)
+        except BudgetSpent:
+            logging.info(f"ocp_deq: training budget of {self._clock.budget:.0f} s spent at step {self.step}")
+            self.save(checkpoint_file="checkpoint.pt", training_state=True)
+        finally:
+            clock, self._clock = self._clock, None
+        if clock.interval is not None and self.val_loader is not None and \
+                (not clock.records or clock.records[-1]["step"] != self.step):
+            clock.record(self.step, self.epoch, self.validate("val", disable_eval_tqdm))
+
+    def _after_step(self) -> None:
+        """Training clock: validate on its intervals, steer the LR schedule, stop at the budget."""
+        clock = getattr(self, "_clock", None)
+        if clock is None:
+            return
+        validate, spent = clock.tick()
+        if validate and self.val_loader is not None:
+            clock.record(self.step, self.epoch, self.validate("val", disable_tqdm=True))
+            self.model.train()
+        fraction = clock.budget_fraction()
+        if fraction is not None and self.scheduler is not None:
+            params = self.config["optim"].get("scheduler_params", {})
+            total = params.get("epochs") or self.config["optim"]["max_epochs"] * len(self.train_loader)
+            follow_budget(self.scheduler, fraction, int(total), self.step)
+        if spent:
+            raise BudgetSpent
+
     def load_model(self) -> None:
         super().load_model()
         self.last_model_output, self._nonfinite, self._nonfinite_on_any_rank = None, None, False
@@ -179,7 +214,28 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             for loss in losses:
                 del loss._ddp_mean
 
+    @contextlib.contextmanager
+    def _estimating_contraction(self):
+        """Validation also estimates the contraction of f at each fixed point (DEQ models)."""
+        backbone = getattr(self._unwrapped_model, "backbone", None)
+        if not hasattr(backbone, "estimate_contraction"):
+            yield
+            return
+        backbone.estimate_contraction = True
+        try:
+            yield
+        finally:
+            backbone.estimate_contraction = False
+
     def validate(self, split: str = "val", disable_tqdm: bool = False):
+        try:
+            with self._estimating_contraction():
+                return self._validate(split, disable_tqdm)
+        finally:
+            if getattr(self, "_clock", None) is not None:
+                self._clock.resume()  # validation time is not training time
+
+    def _validate(self, split: str, disable_tqdm: bool):
         ordered = self._ordered_evaluation()
         if not ordered:
             return super().validate(split, disable_tqdm)
@@ -301,7 +357,8 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         message, self._nonfinite = self._nonfinite, None
         anywhere, self._nonfinite_on_any_rank = self._nonfinite_on_any_rank, False
         if message is None and not anywhere:
-            return super()._backward(loss)
+            super()._backward(loss)
+            return self._after_step()
         message = message or f"non-finite values on another rank at step {self.step} (epoch {self.epoch:.3f})"
         if self._nonfinite_action() == "stop":
             raise NonFiniteError(f"{message}; stopping (set model.deq.on_nonfinite=skip to skip such batches)")
@@ -309,7 +366,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         self.skipped_batches = getattr(self, "skipped_batches", 0) + 1
         self.completed_step = self.step  # done with this batch (see rewind_to_completed_step)
         self.optimizer.zero_grad()
-        return None
+        return self._after_step()
 
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
         training = self._unwrapped_model.training
@@ -320,11 +377,10 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         model_out = self.last_model_output or {}
         if all(key in model_out for key in SOLVER_STAT_KEYS):
             n = int(model_out["deq_nstep"].numel())
-            for key, values in (
-                ("deq_nstep", model_out["deq_nstep"]),
-                ("deq_residual", model_out["deq_residual"]),
-                ("deq_unconverged", (~model_out["deq_converged"]).float()),
-            ):
+            stats = [("deq_nstep", model_out["deq_nstep"]), ("deq_residual", model_out["deq_residual"]),
+                     ("deq_unconverged", (~model_out["deq_converged"]).float())]
+            stats += [(key, model_out[key]) for key in OPTIONAL_STAT_KEYS if key in model_out]
+            for key, values in stats:
                 metrics = evaluator.update(key, {"total": float(values.float().sum()), "numel": n}, metrics)
         if "deq_backward_converged" in model_out:  # conservative forces through an IFT solve
             unconverged = (~model_out["deq_backward_converged"]).float()

@@ -1,0 +1,193 @@
+"""The race: the DEQ and explicit EquiformerV2 (1, 4, 8 blocks, same width) each trained for
+the same wall-clock budget through the real trainer (``python main.py --mode train``), on
+the toy S2EF data and the toy molecule, validated at fixed training-time intervals.
+
+Each run gets ``optim.max_train_seconds`` (its cosine schedule ends with the budget, so
+every model anneals whatever its step cost) and ``optim.eval_every_seconds`` (validation
+time does not count); see ``ocp_deq/trainers/wall_clock.py``. Runs go one after another
+on this machine, each with all its threads. The baselines are what a model that learnt
+nothing scores on the same validation frames: zero forces, and the training mean energy.
+
+    python scripts/benchmark_race.py --budget 240 --interval 30 --out docs/benchmarks/race
+
+``--variant NAME=key=value,key=value`` adds DEQ runs with config overrides (recipe studies).
+Writes ``<out>.json`` (every validation of every run), ``<out>.md`` (final table) and
+``<out>.png`` (validation force and energy MAE vs training time, one curve per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import ocp_deq  # noqa: E402,F401  (before fairchem)
+from fairchem.core.common.utils import create_dict_from_args, load_config, merge_dicts  # noqa: E402
+
+from ocp_deq.data import read_lmdb  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = {  # name -> (DEQ config, explicit config)
+    "s2ef": ("configs/s2ef/toy/deq_equiformer_v2_toy.yml", "configs/s2ef/toy/equiformer_v2_toy.yml"),
+    "molecule": ("configs/molecules/toy/deq_equiformer_v2_molecule_toy.yml",
+                 "configs/molecules/toy/equiformer_v2_molecule_toy.yml"),
+}
+MODELS = {  # name -> (DEQ or explicit config, overrides); the DEQ iterates 1 block
+    "DEQ": ("deq", []),
+    "explicit-1": ("explicit", ["model.num_layers=1"]),
+    "explicit-4": ("explicit", ["model.num_layers=4"]),
+    "explicit-8": ("explicit", ["model.num_layers=8"]),
+}
+CURVE_KEYS = ("forces_mae", "energy_mae", "deq_nstep", "deq_unconverged", "deq_contraction")
+
+
+def resolved_config(path: str, overrides: list[str]) -> dict:
+    """The yml with includes and command-line style overrides, as fairchem's CLI builds it."""
+    config, _, _ = load_config(str(REPO / path))
+    config, _ = merge_dicts(config, create_dict_from_args(overrides))
+    return config
+
+
+def baselines(config: dict) -> dict:
+    """Scores of a model that learnt nothing, with fairchem's metric conventions (forces:
+    mean |component| over the atoms evaluated; energy: mean |E - training mean|)."""
+    free_only = config["outputs"]["forces"].get("eval_on_free_atoms", True)
+
+    def frames(split):
+        src = Path(REPO, config["dataset"][split]["src"])
+        return [frame for lmdb in sorted(src.glob("*.lmdb")) for frame in read_lmdb(lmdb)]
+
+    train, val = frames("train"), frames("val")
+    mean_energy = float(np.mean([float(f.energy) for f in train]))
+    forces = np.concatenate([
+        (f.forces[f.fixed == 0] if free_only and hasattr(f, "fixed") else f.forces).numpy() for f in val])
+    return {"zero_forces_mae": float(np.abs(forces).mean()),
+            "mean_energy_mae": float(np.mean([abs(float(f.energy) - mean_energy) for f in val]))}
+
+
+def train(config_path: str, overrides: list[str], run_dir: Path, budget: float, interval: float) -> dict:
+    """One budgeted training run through the CLI; its validations and console tail."""
+    command = [sys.executable, str(REPO / "main.py"), "--mode", "train", "--config-yml", str(REPO / config_path),
+               "--cpu", "--run-dir", str(run_dir), "--identifier", "race",
+               f"optim.max_train_seconds={budget}", f"optim.eval_every_seconds={interval}",
+               "optim.max_epochs=100000", "optim.eval_every=1000000000", "logger=tensorboard", *overrides]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
+    found = glob.glob(str(run_dir / "results" / "*" / "validation_clock.json"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one validation_clock.json under {run_dir}/results, found {found}")
+    return {"command": " ".join(command[1:]), "process_seconds": round(time.perf_counter() - started, 1),
+            "validations": json.loads(Path(found[0]).read_text())}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Training budget {result['budget_s']:.0f} s per model, validation every {result['interval_s']:.0f} s "
+             f"of training time (`{result['command']}`).", ""]
+    for dataset, part in result["datasets"].items():
+        base = part["baselines"]
+        lines += [f"**{dataset}** (baselines on the same validation frames: zero forces "
+                  f"{base['zero_forces_mae']:.4f} eV/A, training-mean energy {base['mean_energy_mae']:.4f} eV)", "",
+                  "| model | steps | val force MAE | / zero-force baseline | val energy MAE | best val force MAE "
+                  "| val solver evals | val unconverged | contraction |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, run in part["models"].items():
+            last = run["validations"][-1]
+            best = min(v["forces_mae"] for v in run["validations"])
+
+            def opt(key, fmt):
+                return fmt.format(last[key]) if key in last else "-"
+            lines.append(f"| {name} | {last['step']} | {last['forces_mae']:.4f} | "
+                         f"{last['forces_mae'] / base['zero_forces_mae']:.2f} | {last['energy_mae']:.4f} | {best:.4f} | "
+                         f"{opt('deq_nstep', '{:.1f}')} | {opt('deq_unconverged', '{:.0%}')} | {opt('deq_contraction', '{:.2f}')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(result["datasets"])
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7), squeeze=False)
+    for col, dataset in enumerate(datasets):
+        part = result["datasets"][dataset]
+        for row, (key, base, unit) in enumerate((("forces_mae", "zero_forces_mae", "eV/A"),
+                                                 ("energy_mae", "mean_energy_mae", "eV"))):
+            ax = axes[row][col]
+            for name, run in part["models"].items():
+                vals = run["validations"]
+                ax.plot([v["train_seconds"] for v in vals], [v[key] for v in vals], marker="o", ms=3, label=name)
+            ax.axhline(part["baselines"][base], color="grey", ls="--", lw=1, label="learnt nothing")
+            ax.set_title(f"toy {dataset}: validation {key.replace('_', ' ')}")
+            ax.set_xlabel("training time (s)")
+            ax.set_ylabel(unit)
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=240.0, help="training seconds per model")
+    parser.add_argument("--interval", type=float, default=30.0, help="validate every this many training seconds")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {list(DATASETS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="extra DEQ run: NAME=key=value,key=value (repeatable)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (e.g. toy data paths)")
+    parser.add_argument("--work-dir", default="runs/race", help="where the runs write checkpoints and logs")
+    parser.add_argument("--out", default="docs/benchmarks/race", help="output prefix (.json, .md, .png)")
+    args = parser.parse_args(argv)
+
+    models = {}
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {list(MODELS)}")
+        models[name] = MODELS[name]
+    for spec in args.variant:
+        name, _, overrides = spec.partition("=")
+        if not name or not overrides:
+            parser.error(f"--variant {spec!r}: expected NAME=key=value[,key=value]")
+        models[name] = ("deq", overrides.split(","))
+    result = {"command": "python scripts/benchmark_race.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "budget_s": args.budget, "interval_s": args.interval, "cpu_threads": os.cpu_count(), "datasets": {}}
+    work = Path(args.work_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    for dataset in args.datasets.split(","):
+        if dataset not in DATASETS:
+            parser.error(f"unknown dataset {dataset!r}; choose from {list(DATASETS)}")
+        part = result["datasets"][dataset] = {"models": {}}
+        for index, (name, (kind, overrides)) in enumerate(models.items()):
+            config_path = DATASETS[dataset][0 if kind == "deq" else 1]
+            print(f"[{dataset}] {name}: training for {args.budget:.0f} s ...", flush=True)
+            run = train(config_path, [*args.override, *overrides], work / dataset / f"model{index}", args.budget, args.interval)
+            run["config"] = config_path
+            run["overrides"] = overrides
+            part["models"][name] = run
+            last = run["validations"][-1]
+            print(f"[{dataset}] {name}: {last['step']} steps, val force MAE {last['forces_mae']:.4f}, "
+                  f"energy MAE {last['energy_mae']:.4f}", flush=True)
+        # the data exists now (the first run generated it)
+        part["baselines"] = baselines(resolved_config(DATASETS[dataset][1], args.override))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

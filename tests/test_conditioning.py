@@ -1,0 +1,92 @@
+"""Conditioning tools: the contraction estimate, warm-started training solves, training on a
+wall-clock budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fairchem.core.datasets import data_list_collater
+from fairchem.core.models.equiformer_v2.trainers.lr_scheduler import LRScheduler
+
+from fixed_point_toys import CoupledToy
+from ocp_deq.deq.contraction import spectral_radius
+from ocp_deq.deq.settings import SolverSettings
+from ocp_deq.deq.solvers import solve
+from ocp_deq.trainers.wall_clock import follow_budget
+from test_gradients import MOLECULE, build, float64, molecule_batch  # noqa: F401  (fixture)
+
+TIGHT = {"solver": "anderson", "tol": 1e-4, "max_iter": 60}
+
+
+def test_spectral_radius_estimate_matches_dense_jacobian_eigenvalues():
+    problem = CoupledToy([3, 5, 2], [0.3, 0.7, 0.95])
+    z_star = solve(problem, problem.zeros(), SolverSettings(tol=1e-10, max_iter=200)).z
+    estimate = spectral_radius(problem, z_star, iters=60)
+    state = torch.get_rng_state()
+    spectral_radius(problem, z_star, iters=2)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is untouched
+    for graph in range(3):
+        alone = problem.restrict(torch.tensor([graph]))
+        z = z_star[problem.segments.batch == graph]
+        jacobian = torch.autograd.functional.jacobian(lambda u: alone.f(u.view_as(z)).flatten(), z.flatten())
+        exact = torch.linalg.eigvals(jacobian).abs().max().item()
+        assert abs(estimate[graph].item() - exact) < 0.03 * exact, (graph, estimate[graph].item(), exact)
+        assert estimate[graph].item() <= torch.linalg.matrix_norm(jacobian, 2).item() + 1e-9
+
+
+def frames(sids, fids, numbers=None):
+    data = []
+    for k, (sid, fid) in enumerate(zip(sids, fids)):
+        frame = molecule_batch([[p[0] + 0.01 * k, p[1], p[2]] for p in MOLECULE["positions"]]).to_data_list()[0]
+        if numbers is not None:
+            frame.atomic_numbers = torch.as_tensor(numbers, dtype=frame.atomic_numbers.dtype)
+        frame.sid, frame.fid = sid, fid
+        data.append(frame)
+    return data_list_collater(data, otf_graph=False)
+
+
+def test_training_solves_start_from_each_frames_last_fixed_point():
+    model = build("phantom", solver=TIGHT, train_start={"enabled": True, "dtype": "float32"}).train()
+    batch = frames([0, 1], [0, 0])
+    first = model(batch)
+    assert not first["deq_warm"].any()
+    second = model(batch)  # same weights, same frames: each starts at its own fixed point
+    assert second["deq_warm"].all()
+    assert (second["deq_nstep"] <= 1).all() and (first["deq_nstep"] > 3).all()
+    # a frame never seen starts from the nearest stored frame of its trajectory
+    unseen = model(frames([1, 7], [3, 0]))
+    assert unseen["deq_warm"].tolist() == [True, False]
+    assert unseen["deq_nstep"][0] < first["deq_nstep"][1]
+    # same frame id, other atoms: cold; evaluation never uses the training memory
+    other = list(MOLECULE["numbers"])
+    other[0] = 7
+    assert not model(frames([0], [0], numbers=other))["deq_warm"].any()
+    with torch.no_grad():
+        assert "deq_warm" not in model.eval()(batch)
+
+
+def test_training_memory_is_bounded_and_needs_frame_ids():
+    model = build("phantom", solver=TIGHT, train_start={"enabled": True, "memory_mb": 1e-6}).train()
+    model(frames([0, 1, 2], [0, 0, 0]))
+    assert len(model.training_memory) == 1 and model.training_memory.bytes > 0
+    no_fid = frames([0], [0])
+    del no_fid.fid
+    with pytest.raises(KeyError, match="needs 'fid'"):
+        model(no_fid)
+
+
+def test_budget_schedule_lands_where_the_budget_fraction_says():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = LRScheduler(optimizer, {"scheduler": "LambdaLR", "lr_initial": 1.0, "scheduler_params": {
+        "lambda_type": "cosine", "warmup_factor": 0.2, "warmup_epochs": 10, "epochs": 1000, "lr_min_factor": 0.01}})
+    for step, fraction in ((3, 0.0), (50, 0.5), (60, 1.0)):
+        follow_budget(scheduler, fraction, 1000, step)
+        scheduler.step()
+        if fraction == 0.0:  # early: the real step (warmup) wins
+            expected = 0.2 * (1 - step / 10) + step / 10
+        else:
+            expected = 0.01 + 0.5 * 0.99 * (1 + math.cos(math.pi * fraction)) if fraction < 1 else 0.01
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
