@@ -18,12 +18,14 @@ Writes ``<out>.json`` (every validation of every run), ``<out>.md`` (final table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import ocp_deq  # noqa: E402,F401  (before fairchem)
 from fairchem.core.common.utils import create_dict_from_args, load_config, merge_dicts  # noqa: E402
 
+from ocp_deq.cli import prepare_data  # noqa: E402
 from ocp_deq.data import read_lmdb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,6 @@ MODELS = {  # name -> (DEQ or explicit config, overrides); the DEQ iterates 1 bl
     "explicit-4": ("explicit", ["model.num_layers=4"]),
     "explicit-8": ("explicit", ["model.num_layers=8"]),
 }
-CURVE_KEYS = ("forces_mae", "energy_mae", "deq_nstep", "deq_unconverged", "deq_contraction")
 
 
 def resolved_config(path: str, overrides: list[str]) -> dict:
@@ -57,8 +59,9 @@ def resolved_config(path: str, overrides: list[str]) -> dict:
 
 
 def baselines(config: dict) -> dict:
-    """Scores of a model that learnt nothing, with fairchem's metric conventions (forces:
-    mean |component| over the atoms evaluated; energy: mean |E - training mean|)."""
+    """Scores of models that learnt nothing about geometry, with fairchem's metric conventions:
+    zero forces (mean |component| over the atoms evaluated), the training mean energy, and a
+    linear fit of the energy on the element counts (what fitted element references alone give)."""
     free_only = config["outputs"]["forces"].get("eval_on_free_atoms", True)
 
     def frames(split):
@@ -66,21 +69,30 @@ def baselines(config: dict) -> dict:
         return [frame for lmdb in sorted(src.glob("*.lmdb")) for frame in read_lmdb(lmdb)]
 
     train, val = frames("train"), frames("val")
-    mean_energy = float(np.mean([float(f.energy) for f in train]))
+    energy = {split: np.array([float(f.energy) for f in data]) for split, data in (("train", train), ("val", val))}
+    mean_energy = float(energy["train"].mean())
     forces = np.concatenate([
         (f.forces[f.fixed == 0] if free_only and hasattr(f, "fixed") else f.forces).numpy() for f in val])
+
+    def counts(data):  # atoms of each element per frame
+        return np.stack([np.bincount(f.atomic_numbers.long().numpy(), minlength=120) for f in data]).astype(float)
+
+    weights = np.linalg.lstsq(counts(train), energy["train"], rcond=None)[0]
     return {"zero_forces_mae": float(np.abs(forces).mean()),
-            "mean_energy_mae": float(np.mean([abs(float(f.energy) - mean_energy) for f in val]))}
+            "mean_energy_mae": float(np.mean(np.abs(energy["val"] - mean_energy))),
+            "composition_energy_mae": float(np.mean(np.abs(counts(val) @ weights - energy["val"])))}
 
 
-def train(config_path: str, overrides: list[str], run_dir: Path, budget: float, interval: float) -> dict:
-    """One budgeted training run through the CLI; its validations and console tail."""
+def train(config_path: str, overrides: list[str], run_dir: Path, budget: float, interval: float,
+          threads: int | None = None) -> dict:
+    """One budgeted training run through the CLI (``threads``: its torch threads); its validations."""
     command = [sys.executable, str(REPO / "main.py"), "--mode", "train", "--config-yml", str(REPO / config_path),
                "--cpu", "--run-dir", str(run_dir), "--identifier", "race",
                f"optim.max_train_seconds={budget}", f"optim.eval_every_seconds={interval}",
                "optim.max_epochs=100000", "optim.eval_every=1000000000", "logger=tensorboard", *overrides]
     started = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
     found = glob.glob(str(run_dir / "results" / "*" / "validation_clock.json"))
@@ -91,23 +103,29 @@ def train(config_path: str, overrides: list[str], run_dir: Path, budget: float, 
 
 
 def markdown(result: dict) -> str:
+    jobs = result.get("jobs", 1)
+    side = "one run at a time" if jobs == 1 else f"{jobs} runs side by side, each with 1/{jobs} of the threads"
     lines = [f"Training budget {result['budget_s']:.0f} s per model, validation every {result['interval_s']:.0f} s "
-             f"of training time (`{result['command']}`).", ""]
+             f"of training time, {side} (`{result['command']}`).", ""]
     for dataset, part in result["datasets"].items():
         base = part["baselines"]
         lines += [f"**{dataset}** (baselines on the same validation frames: zero forces "
-                  f"{base['zero_forces_mae']:.4f} eV/A, training-mean energy {base['mean_energy_mae']:.4f} eV)", "",
-                  "| model | steps | val force MAE | / zero-force baseline | val energy MAE | best val force MAE "
+                  f"{base['zero_forces_mae']:.4f} eV/A, training-mean energy {base['mean_energy_mae']:.4f} eV, "
+                  f"energy linear in the element counts {base['composition_energy_mae']:.4f} eV)", "",
+                  "| model | steps | s / step | val force MAE | / zero-force baseline | val energy MAE "
+                  "| / mean-energy baseline | best val force MAE | train solver evals | train unconverged "
                   "| val solver evals | val unconverged | contraction |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, run in part["models"].items():
             last = run["validations"][-1]
             best = min(v["forces_mae"] for v in run["validations"])
 
             def opt(key, fmt):
                 return fmt.format(last[key]) if key in last else "-"
-            lines.append(f"| {name} | {last['step']} | {last['forces_mae']:.4f} | "
-                         f"{last['forces_mae'] / base['zero_forces_mae']:.2f} | {last['energy_mae']:.4f} | {best:.4f} | "
+            lines.append(f"| {name} | {last['step']} | {last['train_seconds'] / max(last['step'], 1):.3f} | "
+                         f"{last['forces_mae']:.4f} | {last['forces_mae'] / base['zero_forces_mae']:.2f} | "
+                         f"{last['energy_mae']:.4f} | {last['energy_mae'] / base['mean_energy_mae']:.2f} | {best:.4f} | "
+                         f"{opt('train_deq_nstep', '{:.1f}')} | {opt('train_deq_unconverged', '{:.0%}')} | "
                          f"{opt('deq_nstep', '{:.1f}')} | {opt('deq_unconverged', '{:.0%}')} | {opt('deq_contraction', '{:.2f}')} |")
         lines.append("")
     return "\n".join(lines)
@@ -129,6 +147,9 @@ def plot(result: dict, path: Path) -> None:
                 vals = run["validations"]
                 ax.plot([v["train_seconds"] for v in vals], [v[key] for v in vals], marker="o", ms=3, label=name)
             ax.axhline(part["baselines"][base], color="grey", ls="--", lw=1, label="learnt nothing")
+            if key == "energy_mae" and "composition_energy_mae" in part["baselines"]:
+                ax.axhline(part["baselines"]["composition_energy_mae"], color="grey", ls=":", lw=1,
+                           label="energy linear in element counts")
             ax.set_title(f"toy {dataset}: validation {key.replace('_', ' ')}")
             ax.set_xlabel("training time (s)")
             ax.set_ylabel(unit)
@@ -148,6 +169,9 @@ def main(argv=None):
                         help="extra DEQ run: NAME=key=value,key=value (repeatable)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (e.g. toy data paths)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings side by side, each with cpu_count/jobs threads (recipe studies; "
+                             "the race itself runs one at a time)")
     parser.add_argument("--work-dir", default="runs/race", help="where the runs write checkpoints and logs")
     parser.add_argument("--out", default="docs/benchmarks/race", help="output prefix (.json, .md, .png)")
     args = parser.parse_args(argv)
@@ -165,21 +189,30 @@ def main(argv=None):
     result = {"command": "python scripts/benchmark_race.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "budget_s": args.budget, "interval_s": args.interval, "cpu_threads": os.cpu_count(), "datasets": {}}
     work = Path(args.work_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    threads = max((os.cpu_count() or 1) // args.jobs, 1) if args.jobs > 1 else None
+    result["jobs"] = args.jobs
     for dataset in args.datasets.split(","):
         if dataset not in DATASETS:
             parser.error(f"unknown dataset {dataset!r}; choose from {list(DATASETS)}")
         part = result["datasets"][dataset] = {"models": {}}
-        for index, (name, (kind, overrides)) in enumerate(models.items()):
+
+        def run_one(index, name, kind, overrides):
             config_path = DATASETS[dataset][0 if kind == "deq" else 1]
             print(f"[{dataset}] {name}: training for {args.budget:.0f} s ...", flush=True)
-            run = train(config_path, [*args.override, *overrides], work / dataset / f"model{index}", args.budget, args.interval)
-            run["config"] = config_path
-            run["overrides"] = overrides
-            part["models"][name] = run
+            run = train(config_path, [*args.override, *overrides], work / dataset / f"model{index}",
+                        args.budget, args.interval, threads)
             last = run["validations"][-1]
             print(f"[{dataset}] {name}: {last['step']} steps, val force MAE {last['forces_mae']:.4f}, "
                   f"energy MAE {last['energy_mae']:.4f}", flush=True)
-        # the data exists now (the first run generated it)
+            return {**run, "config": config_path, "overrides": overrides}
+
+        with contextlib.chdir(REPO):  # the data, generated once before runs go side by side
+            prepare_data(resolved_config(DATASETS[dataset][1], args.override))
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(run_one, index, name, kind, overrides)
+                       for index, (name, (kind, overrides)) in enumerate(models.items())]
+            runs = [future.result() for future in futures]
+        part["models"] = dict(zip(models, runs))
         part["baselines"] = baselines(resolved_config(DATASETS[dataset][1], args.override))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,9 +75,9 @@ class Runner:
         self.model = build(kind, layers, size, config["model"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["optim"]["lr_initial"],
                                            weight_decay=config["optim"]["optimizer_params"]["weight_decay"])
-        norm = config["dataset"]["train"]["transforms"]["normalizer"]
-        self.e_mean, self.e_std = norm["energy"]["mean"], norm["energy"]["rmsd"]
-        self.f_std = norm["forces"]["rmsd"]
+        self.e_mean, self.e_std, self.f_std = config["target_statistics"]
+        weights = {name: spec["coefficient"] for entry in config["loss_functions"] for name, spec in entry.items()}
+        self.e_weight, self.f_weight = weights["energy"], weights["forces"]
         self.train_times, self.train_solves, self.eval = [], [], {"cold": [], "warm": []}
 
     def train_step(self, batch) -> None:
@@ -88,7 +88,7 @@ class Runner:
         energy = (out["energy"].view(-1) - (batch.energy - self.e_mean) / self.e_std).abs().mean()
         forces = (out["forces"][free] - batch.forces[free] / self.f_std).norm(dim=1).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        (4 * energy + 100 * forces).backward()
+        (self.e_weight * energy + self.f_weight * forces).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 100)
         self.optimizer.step()
         self.train_times.append(time.perf_counter() - start)
@@ -232,6 +232,10 @@ def main(argv=None) -> None:
     ensure_toy_data(args.data, ToySpec(seed=config.get("toy_data", {}).get("seed", 0)))
     rng = np.random.default_rng(0)
     train = read_lmdb(args.data / "train")
+    energies = torch.tensor([float(frame.energy) for frame in train])
+    forces = torch.cat([frame.forces for frame in train])
+    # the loss normalises the targets by the training split's statistics, as the configs' fitted normalisers do
+    config["target_statistics"] = (energies.mean().item(), energies.std().item(), forces.pow(2).mean().sqrt().item())
     order = rng.permutation(len(train))
     train_batches = [data_list_collater([train[i] for i in order[k:k + args.batch]], otf_graph=True)
                      for k in range(0, len(order) - args.batch + 1, args.batch)]

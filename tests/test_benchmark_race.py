@@ -23,7 +23,7 @@ def test_race_trains_each_model_for_the_budget_and_records_validations(toy_root,
                  *(f"model.{key}={value}" for key, value in TINY_MODEL.items())]
     out = tmp_path / "race"
     command = [sys.executable, str(REPO / "scripts" / "benchmark_race.py"), "--budget", str(BUDGET),
-               "--interval", str(INTERVAL), "--datasets", "s2ef", "--models", "explicit-1",
+               "--interval", str(INTERVAL), "--jobs", "2", "--datasets", "s2ef", "--models", "explicit-1",
                "--variant", f"DEQ-warm={','.join(CHEAP_DEQ)}",
                "--work-dir", str(tmp_path / "runs"), "--out", str(out), *(f"--override={o}" for o in overrides)]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -50,5 +50,7 @@ def test_race_trains_each_model_for_the_budget_and_records_validations(toy_root,
     assert abs(part["baselines"]["zero_forces_mae"] - np.abs(zero).mean()) < 1e-6
     mean_energy = np.mean([float(f.energy) for f in train])
     assert abs(part["baselines"]["mean_energy_mae"] - np.mean([abs(float(f.energy) - mean_energy) for f in val])) < 1e-6
+    assert np.isfinite(part["baselines"]["composition_energy_mae"]) and part["baselines"]["composition_energy_mae"] > 0
+    assert result["jobs"] == 2
     table = out.with_suffix(".md").read_text()
     assert "| DEQ-warm |" in table and "| explicit-1 |" in table and out.with_suffix(".png").stat().st_size > 10000

@@ -23,7 +23,7 @@ def test_train_writes_checkpoint_and_logs_solver_statistics(trained):
     work, _, proc, checkpoints = trained
     assert len(checkpoints) == 1
     state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
-    assert any(key.endswith("backbone.deq_post_norm.affine_weight") for key in state["state_dict"])
+    assert any(key.endswith("backbone.deq_update_gain") for key in state["state_dict"])
     log = proc.stdout + proc.stderr
     assert re.search(r"deq_nstep: [0-9.e+-]+, deq_residual: [0-9.e+-]+, deq_unconverged", log)
     # validation after the run also reports solver statistics

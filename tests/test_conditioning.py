@@ -90,3 +90,24 @@ def test_budget_schedule_lands_where_the_budget_fraction_says():
         else:
             expected = 0.01 + 0.5 * 0.99 * (1 + math.cos(math.pi * fraction)) if fraction < 1 else 0.01
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_update_form_contracts_faster_than_block_form():
+    """Form "block" carries z through the blocks' residual paths with gain ~1, so f barely
+    contracts; form "update" (x + what the blocks add) does not, at the same weights."""
+    from ocp_deq.models.deq_equiformer_v2 import EquiformerFixedPoint
+
+    radius, nstep = {}, {}
+    for form, post_norm in (("block", True), ("update", False)):
+        model = build("phantom", solver=TIGHT, form=form, post_norm=post_norm).eval()
+        torch.manual_seed(5)
+        data = molecule_batch()
+        with torch.no_grad():
+            nstep[form] = model(data)["deq_nstep"].item()
+            torch.manual_seed(5)
+            x, graph = model.backbone.encode(data)
+            problem = EquiformerFixedPoint.build(model.backbone, x, graph, data)
+            z_star = solve(problem, torch.zeros_like(x), SolverSettings(tol=1e-8, max_iter=200)).z
+        radius[form] = spectral_radius(problem, z_star, iters=30).item()
+    assert radius["update"] < 0.8 * radius["block"], radius
+    assert nstep["update"] < nstep["block"], nstep

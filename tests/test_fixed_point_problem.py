@@ -16,8 +16,9 @@ def two_molecules():
     return data_list_collater([first, second], otf_graph=False)
 
 
-def fairchem_f(backbone, x, graph, data, z):
-    """f computed by fairchem's blocks alone: edge features recomputed inside each block."""
+def fairchem_f(backbone, x, graph, data, z, form):
+    """f computed by fairchem's blocks alone: edge features recomputed inside each block;
+    form "update" keeps only what the blocks add to their input, on top of x."""
     x_norm = torch.zeros(2).index_add_(0, data.batch, x.pow(2).flatten(1).sum(1)).sqrt()
     u = z + x
     u_norm = torch.zeros(2).index_add_(0, data.batch, u.pow(2).flatten(1).sum(1)).sqrt()
@@ -26,12 +27,14 @@ def fairchem_f(backbone, x, graph, data, z):
     h.set_embedding(u)
     for block in backbone.blocks:
         h = block(h, graph.atomic_numbers_full, graph.edge_distance, graph.edge_index, batch=data.batch)
-    return backbone.deq_post_norm(h.embedding)
+    out = h.embedding if form == "block" else x + backbone.deq_update_gain * (h.embedding - u)
+    return backbone.deq_post_norm(out) if backbone.deq_post_norm is not None else out
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_hoisted_f_equals_fairchem_blocks(training):
-    model = build("ift")
+@pytest.mark.parametrize("form,post_norm", [("block", True), ("update", False), ("update", True)])
+def test_hoisted_f_equals_fairchem_blocks(training, form, post_norm):
+    model = build("ift", form=form, post_norm=post_norm, update_gain=0.7)
     backbone = model.backbone.train(training)
     torch.manual_seed(3)
     data = two_molecules()
@@ -39,7 +42,7 @@ def test_hoisted_f_equals_fairchem_blocks(training):
     problem = EquiformerFixedPoint.build(backbone, x, graph, data)
     z = torch.randn_like(x)
     ours = problem.f(z)
-    reference = fairchem_f(backbone, x, graph, data, z)
+    reference = fairchem_f(backbone, x, graph, data, z, form)
     assert (ours - reference).norm() / reference.norm() < 1e-6
     # and after restricting to the second graph: its rows, from its own edges only
     second = problem.restrict(torch.tensor([1]))

@@ -78,9 +78,9 @@ def test_ift_equals_unrolled_backprop(gradients):
     assert rel < 1e-7
 
 
-def test_ift_equals_finite_differences():
-    model = build("ift")
-    grad = param_grad(model)
+def finite_difference_parameter_error(model, grad, samples: int = 6, h: float = 1e-5) -> float:
+    """Largest relative error of ``grad`` (the loss gradient of ``model``'s parameters)
+    against central differences of the loss in randomly drawn block parameters."""
     params = [p for p in model.parameters() if p.grad is not None]
     flat_index = {id(p): sum(q.numel() for q in params[:i]) for i, p in enumerate(params)}
     gen = torch.Generator().manual_seed(1)
@@ -88,9 +88,8 @@ def test_ift_equals_finite_differences():
     errors = []
     model.eval()  # same solver settings; eval skips the gradient bookkeeping
     with torch.no_grad():
-        for p in [block_params[i] for i in torch.randint(len(block_params), (6,), generator=gen).tolist()]:
+        for p in [block_params[i] for i in torch.randint(len(block_params), (samples,), generator=gen).tolist()]:
             k = int(torch.randint(p.numel(), (1,), generator=gen))
-            h = 1e-5
             p.view(-1)[k] += h
             up = loss(model).item()
             p.view(-1)[k] -= 2 * h
@@ -99,8 +98,14 @@ def test_ift_equals_finite_differences():
             fd = (up - down) / (2 * h)
             exact = grad[flat_index[id(p)] + k].item()
             errors.append(abs(fd - exact) / max(abs(exact), 1e-3))
-    print(f"IFT vs central finite differences, max relative error: {max(errors):.2e}")
-    assert max(errors) < 1e-5
+    return max(errors)
+
+
+def test_ift_equals_finite_differences():
+    model = build("ift")
+    error = finite_difference_parameter_error(model, param_grad(model))
+    print(f"IFT vs central finite differences, max relative error: {error:.2e}")
+    assert error < 1e-5
 
 
 def test_phantom_gradient_points_the_same_way(gradients):
@@ -111,13 +116,13 @@ def test_phantom_gradient_points_the_same_way(gradients):
     assert rel > 1e-6  # it is an approximation, not the exact gradient
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_conservative_forces_are_minus_energy_gradient(training):
-    model = build("phantom", force_mode="conservative").train(training)
+def conservative_force_error(model, h: float = 1e-5) -> float:
+    """Largest |F - F_fd| / max|F| over a few force components, F_fd from central
+    differences of the energy (same edge rolls in every forward)."""
     torch.manual_seed(5)
     forces = model(molecule_batch())["forces"].detach()
     pos = np.array(MOLECULE["positions"], dtype=float)
-    h, worst = 1e-5, 0.0
+    worst = 0.0
     with torch.no_grad():
         for atom, axis in [(0, 0), (3, 2), (5, 1), (2, 0)]:
             energies = []
@@ -128,6 +133,12 @@ def test_conservative_forces_are_minus_energy_gradient(training):
                 energies.append(model(molecule_batch(moved))["energy"].item())
             fd = -(energies[0] - energies[1]) / (2 * h)
             worst = max(worst, abs(fd - forces[atom, axis].item()) / forces.abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_conservative_forces_are_minus_energy_gradient(training):
+    worst = conservative_force_error(build("phantom", force_mode="conservative").train(training))
     print(f"conservative forces vs finite differences ({'train' if training else 'eval'} mode): {worst:.2e}")
     assert worst < 1e-6
 

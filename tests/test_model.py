@@ -137,6 +137,10 @@ def test_unknown_deq_option_is_a_clear_error():
         build("deq_equiformer_v2", deq={"solver_tol": 1e-3})
     with pytest.raises(DEQConfigError, match=r"model.deq.train_solver.solver='newton'"):
         build("deq_equiformer_v2", deq={"train_solver": {"solver": "newton"}})
+    with pytest.raises(DEQConfigError, match=r"model.deq.form='residual' must be one of \('block', 'update'\)"):
+        DEQSettings.from_config({"form": "residual"})
+    with pytest.raises(DEQConfigError, match=r"model.deq.update_gain must be > 0, got 0.0"):
+        DEQSettings.from_config({"update_gain": "0"})
 
 
 def test_boolean_options_take_command_line_spellings():

@@ -202,11 +202,9 @@ def test_equivariance_without_pbc(molecule_root):
     changing nothing, as well as fairchem's explicit EquiformerV2 of the same width manages
     (bound: 10x its largest error over the same random initialisations, rotations and input).
 
-    At random initialisation f is barely contractive on a 9-atom molecule (Anderson stalls
-    near 1e-3 relative residual). Scaling the post-norm's gain down makes it a contraction,
-    so every solve here converges to relative residual 3e-3 (float32 round-off in f sits
-    near 1e-3): the symmetry of the fixed point itself is tested, not that of a truncated
-    iteration.
+    A small gain on the blocks' update makes f a strong contraction, so every solve here
+    converges to relative residual 3e-3 (float32 round-off in f sits near 1e-3): the
+    symmetry of the fixed point itself is tested, not that of a truncated iteration.
     """
     trajectory = read_lmdb(molecule_root / "test")
     frame = trajectory[4]
@@ -215,9 +213,8 @@ def test_equivariance_without_pbc(molecule_root):
     for seed in range(3):
         torch.manual_seed(seed)
         deq = registry.get_model_class("deq_equiformer_v2")(
-            **graph, **TINY_MODEL, num_layers=1, deq={"eval_solver": {"tol": 3e-3, "max_iter": 200}}).eval()
-        with torch.no_grad():
-            deq.backbone.deq_post_norm.affine_weight.mul_(0.2)
+            **graph, **TINY_MODEL, num_layers=1,
+            deq={"eval_solver": {"tol": 3e-3, "max_iter": 200}, "update_gain": 0.3}).eval()
         torch.manual_seed(seed)
         explicit = registry.get_model_class("equiformer_v2")(**graph, **TINY_MODEL, num_layers=4).eval()
         deq_errors.append(symmetry_errors(deq, frame, trajectory))

@@ -28,8 +28,8 @@ def test_variational_dropout_keeps_one_mask_per_forward():
 
 
 def test_pre_norm_makes_f_insensitive_to_the_injection_scale():
-    def f_ratio(pre_norm):
-        model = build("phantom", solver=LOOSE, pre_norm=pre_norm, injection="add").eval()
+    def f_ratio(pre_norm):  # form "block": f's output is the blocks' output, all of it from the normed input
+        model = build("phantom", solver=LOOSE, pre_norm=pre_norm, injection="add", form="block").eval()
         backbone = model.backbone
         torch.manual_seed(5)
         data = molecule_batch()

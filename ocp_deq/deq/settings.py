@@ -9,6 +9,7 @@ GRADIENTS = ("phantom", "ift", "bptt")
 NONFINITE_ACTIONS = ("stop", "skip")
 STOP_MODES = ("rel", "abs")
 INJECTIONS = ("add_rescale", "add")
+FORMS = ("block", "update")
 
 
 class DEQConfigError(ValueError):
@@ -171,9 +172,11 @@ class TrainStartSettings:
 class DEQSettings:
     """Everything DEQ-specific; lives under ``model: {deq: {...}}`` in the yml."""
 
-    injection: str = "add_rescale"
+    injection: str = "add"
+    form: str = "update"
+    update_gain: float = 1.0
     pre_norm: bool = False
-    post_norm: bool = True
+    post_norm: bool = False
     gradient: str = "phantom"
     grad_steps: int = 1
     grad_tau: float = 1.0
@@ -209,6 +212,10 @@ class DEQSettings:
     def validate(self, where: str) -> None:
         if self.injection not in INJECTIONS:
             raise DEQConfigError(f"{where}.injection='{self.injection}' must be one of {INJECTIONS}")
+        if self.form not in FORMS:
+            raise DEQConfigError(f"{where}.form='{self.form}' must be one of {FORMS}")
+        if not self.update_gain > 0:
+            raise DEQConfigError(f"{where}.update_gain must be > 0, got {self.update_gain}")
         if self.gradient not in GRADIENTS:
             raise DEQConfigError(f"{where}.gradient='{self.gradient}' must be one of {GRADIENTS}")
         if self.on_nonfinite not in NONFINITE_ACTIONS:

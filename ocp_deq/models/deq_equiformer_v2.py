@@ -1,7 +1,9 @@
 """Deep-equilibrium EquiformerV2, built from fairchem's own EquiformerV2 parts.
 
 encoder (atom + edge-degree embedding) -> x;  z* = f(z*, x) with
-f(z, x) = post_norm(blocks(inject(z, x)));  final norm -> fairchem's EquiformerV2 heads.
+f(z, x) = x + gain * (blocks(u) - u), u = inject(z, x)  (form "update", the default), or
+f(z, x) = blocks(inject(z, x))  (form "block"; optional pre/post norms around the blocks);
+final norm -> fairchem's EquiformerV2 heads.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def _edge_features(attention, graph) -> dict:
 
 
 class EquiformerFixedPoint:
-    """f(z) = post_norm(blocks(inject(z, x))) on some graphs of a batch.
+    """f(z) on some graphs of a batch: post_norm(x + gain * (blocks(u) - u)) (form "update")
+    or post_norm(blocks(u)) (form "block"), u = pre_norm(inject(z, x)); norms optional.
 
     Everything that depends only on the graph is computed once per forward and sliced, not
     recomputed, when graphs leave the solve: edges, Wigner matrices, the atom-type edge
@@ -134,11 +137,14 @@ class EquiformerFixedPoint:
         self.bind()
         h = SO3_Embedding(0, bb.lmax_list, bb.sphere_channels, bb.device, bb.dtype)
         u = self.inject(z)
-        h.set_embedding(bb.deq_pre_norm(u) if bb.deq_pre_norm is not None else u)
+        u = bb.deq_pre_norm(u) if bb.deq_pre_norm is not None else u
+        h.set_embedding(u)
         for block, features in zip(bb.blocks, self.features):
             with _edge_features_given(block.ga, features):
                 h = block(h, None, self.no_edges, self.edge_index, batch=self.segments.batch)
         out = h.embedding
+        if bb.deq_update_gain is not None:  # form "update": x + what the blocks add, z's own path removed
+            out = self.x + bb.deq_update_gain * (out - u)
         if self.dropout_mask is not None:
             out = out * self.dropout_mask
         return bb.deq_post_norm(out) if bb.deq_post_norm is not None else out
@@ -183,6 +189,11 @@ class DEQEquiformerV2Backbone(EquiformerV2Backbone):
 
         self.deq_pre_norm = norm_layer() if settings.pre_norm else None
         self.deq_post_norm = norm_layer() if settings.post_norm else None
+        # form "update": a learnable per-channel gain on the blocks' update (scalar per
+        # channel, so equivariant); the residual paths of the blocks no longer carry z
+        # into f(z) with gain ~1, which is what makes form "block" contract slowly
+        self.deq_update_gain = (torch.nn.Parameter(torch.full((self.sphere_channels,), float(settings.update_gain)))
+                                if settings.form == "update" else None)
         if settings.weight_norm or settings.spectral_norm:
             apply_norm(self.blocks, norm_type="weight_norm" if settings.weight_norm else "spectral_norm")
         self.estimate_contraction = False  # set by the trainer around validation

@@ -123,6 +123,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         clock = getattr(self, "_clock", None)
         if clock is None:
             return
+        clock.observe(self.last_model_output or {})
         validate, spent = clock.tick()
         if validate and self.val_loader is not None:
             clock.record(self.step, self.epoch, self.validate("val", disable_tqdm=True))

@@ -34,6 +34,7 @@ class TrainingClock:
         self.train_seconds = 0.0
         self.next_validation = self.interval
         self.records: list[dict] = []
+        self._train_solves = [0.0, 0.0, 0]  # evaluations, unconverged graphs, graphs since the last record
         self._since = time.perf_counter()
         self._started = self._since
 
@@ -66,6 +67,13 @@ class TrainingClock:
                 self.next_validation += self.interval
         return validate, spent
 
+    def observe(self, model_out: dict) -> None:
+        """Training-solve statistics of a step (DEQ models), summarised at the next record."""
+        if "deq_nstep" in model_out and "deq_converged" in model_out:
+            self._train_solves[0] += float(model_out["deq_nstep"].sum())
+            self._train_solves[1] += float((~model_out["deq_converged"]).sum())
+            self._train_solves[2] += int(model_out["deq_nstep"].numel())
+
     def budget_fraction(self) -> float | None:
         return None if self.budget is None else min(self.train_seconds / self.budget, 1.0)
 
@@ -77,6 +85,10 @@ class TrainingClock:
             "step": int(step), "epoch": float(epoch),
             **{key: float(value["metric"]) for key, value in metrics.items()},
         })
+        evaluations, unconverged, graphs = self._train_solves
+        if graphs:  # this rank's training solves since the last validation
+            self.records[-1].update(train_deq_nstep=evaluations / graphs, train_deq_unconverged=unconverged / graphs)
+        self._train_solves = [0.0, 0.0, 0]
         if self.path is not None and distutils.is_master():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(".tmp")
