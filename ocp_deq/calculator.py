@@ -11,6 +11,7 @@ import ocp_deq  # noqa: F401  (registrations before fairchem builds the trainer)
 from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
 from ocp_deq.deq.reuse import FixedPointCache
+from ocp_deq.trainers.checkpointing import load_checkpoint_file
 
 
 class DEQCalculator(OCPCalculator):
@@ -27,6 +28,11 @@ class DEQCalculator(OCPCalculator):
 
     def __init__(self, *args, reuse: bool = True, system_id: str = "atoms", **kwargs):
         kwargs.setdefault("trainer", "deq")  # fairchem stores its task name ("ocp") as the trainer
+        checkpoint_path = kwargs.get("checkpoint_path", args[1] if len(args) > 1 else None)
+        if checkpoint_path is not None:
+            # fairchem reads the config with a bare torch.load (unrestricted before torch 2.6):
+            # refuse a file that needs more than tensors and plain containers first
+            load_checkpoint_file(checkpoint_path)
         super().__init__(*args, **kwargs)
         self.model = self.trainer._unwrapped_model
         if not hasattr(self.model, "reusing"):

@@ -52,6 +52,10 @@ def make_config(directory: Path, data_root: Path, config_name: str = "deq_equifo
     config.pop("toy_data", None)
     for split in ("train", "val", "test", "relax"):
         config["dataset"][split]["src"] = str(data_root / split)
+    # fixed normalisers, no fitted references: the tests check training mechanics, not the toy recipe
+    config["dataset"]["train"]["transforms"] = {"normalizer": {"energy": {"mean": -4.1, "rmsd": 0.84},
+                                                               "forces": {"mean": 0.0, "rmsd": 0.36}}}
+    config["loss_functions"] = [{"energy": {"fn": "mae", "coefficient": 4}}, {"forces": {"fn": "l2mae", "coefficient": 100}}]
     config["model"].update(TINY_MODEL)
     config["model"].update(model or {})
     config["optim"].update({"batch_size": 4, "eval_batch_size": 4, "max_epochs": 1})

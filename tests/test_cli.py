@@ -144,6 +144,13 @@ def test_frame_without_forces_is_a_clear_error(toy_root, tmp_path):
     assert proc.returncode != 0
     expected = f"dataset.train ({tmp_path / 'broken' / 'train'}): frame sid={frames[5].sid} fid={frames[5].fid} has no ['forces']"
     assert expected in proc.stderr
+    # with normalisers fitted on the training split (the toy recipe), fairchem reads the frames first
+    data["dataset"]["train"]["transforms"] = {"normalizer": {"fit": {"targets": {"forces": {"mean": 0.0}}, "batch_size": 64}}}
+    config.write_text(yaml.safe_dump(data))
+    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "run", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode != 0
+    assert f"dataset.train ({tmp_path / 'broken' / 'train'}): a training frame has no 'forces' label" in proc.stderr
 
 
 @pytest.mark.parametrize("action", ["stop", "skip"])

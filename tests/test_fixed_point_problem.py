@@ -22,7 +22,8 @@ def fairchem_f(backbone, x, graph, data, z, form):
     x_norm = torch.zeros(2).index_add_(0, data.batch, x.pow(2).flatten(1).sum(1)).sqrt()
     u = z + x
     u_norm = torch.zeros(2).index_add_(0, data.batch, u.pow(2).flatten(1).sum(1)).sqrt()
-    u = u * (x_norm / (u_norm + 1e-8))[data.batch][:, None, None]
+    if backbone.deq_settings.injection == "add_rescale":
+        u = u * (x_norm / (u_norm + 1e-8))[data.batch][:, None, None]
     h = SO3_Embedding(0, backbone.lmax_list, backbone.sphere_channels, x.device, x.dtype)
     h.set_embedding(u)
     for block in backbone.blocks:
@@ -32,9 +33,10 @@ def fairchem_f(backbone, x, graph, data, z, form):
 
 
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("form,post_norm", [("block", True), ("update", False), ("update", True)])
-def test_hoisted_f_equals_fairchem_blocks(training, form, post_norm):
-    model = build("ift", form=form, post_norm=post_norm, update_gain=0.7)
+@pytest.mark.parametrize("form,post_norm,injection", [("block", True, "add_rescale"), ("update", False, "add"),
+                                                       ("update", True, "add_rescale")])
+def test_hoisted_f_equals_fairchem_blocks(training, form, post_norm, injection):
+    model = build("ift", form=form, post_norm=post_norm, injection=injection, update_gain=0.7)
     backbone = model.backbone.train(training)
     torch.manual_seed(3)
     data = two_molecules()

@@ -176,3 +176,12 @@ def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
     (tmp_path / "noise.pt").write_bytes(b"\x00\x01 not a checkpoint")
     with pytest.raises(CheckpointError, match="noise.pt"):
         load_checkpoint_file(tmp_path / "noise.pt")
+    # torch's own zip format, through the ASE calculator (fairchem's OCPCalculator reads the
+    # config with a bare torch.load, unrestricted before torch 2.6: ours checks first)
+    from ocp_deq.calculator import DEQCalculator
+
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"config": {}, "x": Payload()}, zipped)
+    with pytest.raises(CheckpointError, match="refusing to load checkpoint .*zipped.pt"):
+        DEQCalculator(checkpoint_path=str(zipped), cpu=True)
+    assert not marker.exists()

@@ -1,6 +1,7 @@
 """The generated toy S2EF data: fairchem reads it, OC20 conventions hold, it is reproducible."""
 
 import numpy as np
+import pytest
 import torch
 from fairchem.core.datasets import LmdbDataset
 
@@ -56,6 +57,11 @@ def test_labels_are_emt_energies_and_forces(toy_root):
 
     offsets = [emt(f).get_potential_energy() - f.energy for f in frames if f.sid == frame.sid]
     assert len(offsets) == FRAMES_PER_SYSTEM and np.ptp(offsets) < 1e-3  # one reference per system
+    # the reference: the clean slab (fid 0 holds its unrelaxed positions) plus the isolated adsorbate atom
+    first = emt(next(f for f in frames if f.sid == frame.sid and f.fid == 0))
+    slab, adsorbate = first[:-1], Atoms(first.get_chemical_symbols()[-1])
+    slab.calc, adsorbate.calc = EMT(), EMT()
+    assert np.mean(offsets) == pytest.approx(slab.get_potential_energy() + adsorbate.get_potential_energy(), abs=2e-3)
     atoms = emt(frame)
     np.testing.assert_allclose(atoms.get_forces(), frame.forces.numpy(), atol=2e-4)
     h, atom = 1e-4, int(frame.natoms) - 1
@@ -102,6 +108,34 @@ def test_crafted_lmdb_value_is_refused_and_never_runs(tmp_path):
     with pytest.raises(UnsafeFrameError, match=r"data.lmdb key '0': refusing to unpickle io.open"):
         read_lmdb(tmp_path / "data.lmdb")
     assert not marker.exists()
+
+
+def test_lmdb_value_calling_a_pyg_function_is_refused(tmp_path):
+    """Only PyG's Data classes are admitted, not every name under torch_geometric.data: its
+    makedirs (or download_url, extract_zip) would run with the pickle's arguments."""
+    import pickle
+
+    import lmdb
+    import pytest
+    from torch_geometric.data import makedirs as pyg_makedirs
+
+    from ocp_deq.data import read_lmdb
+    from ocp_deq.data.lmdb_io import UnsafeFrameError
+
+    target = tmp_path / "made_by_payload"
+
+    class Payload:
+        def __reduce__(self):
+            return (pyg_makedirs, (str(target),))
+
+    env = lmdb.open(str(tmp_path / "data.lmdb"), subdir=False, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", pickle.dumps(Payload()))
+        txn.put(b"length", pickle.dumps(1))
+    env.close()
+    with pytest.raises(UnsafeFrameError, match=r"refusing to unpickle torch_geometric.data.makedirs.makedirs"):
+        read_lmdb(tmp_path / "data.lmdb")
+    assert not target.exists()
 
 
 def test_interrupted_regeneration_keeps_the_previous_data(tmp_path, monkeypatch):

@@ -98,6 +98,11 @@ class FrameUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        # PyG Data and its storages (classes only: functions of torch_geometric.data such as
+        # download_url or extract_zip would run with the pickle's arguments)
+        ("torch_geometric.data.data", "Data"), ("torch_geometric.data.data", "DataEdgeAttr"),
+        ("torch_geometric.data.data", "DataTensorAttr"), ("torch_geometric.data.storage", "GlobalStorage"),
+        ("torch_geometric.data.storage", "NodeStorage"), ("torch_geometric.data.storage", "EdgeStorage"),
     }
 
     def __init__(self, file, where: str = "LMDB value"):
@@ -107,7 +112,7 @@ class FrameUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _load_storage
-        if (module, name) in self.ALLOWED or module.startswith("torch_geometric.data."):
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise UnsafeFrameError(f"{self.where}: refusing to unpickle {module}.{name} (not part of a PyG Data frame)")
 

@@ -136,6 +136,16 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         if spent:
             raise BudgetSpent
 
+    def load_references_and_normalizers(self) -> None:
+        """fairchem fits element references / normalisers (``...transforms.*.fit``) by reading
+        the training frames; one without the label fails there with a bare KeyError."""
+        try:
+            super().load_references_and_normalizers()
+        except KeyError as error:
+            src = self.config["dataset"].get("src", "?")
+            raise MissingLabelError(f"dataset.train ({src}): a training frame has no {error.args[0]!r} label, "
+                                    f"needed to fit the element references / normalizers") from None
+
     def load_model(self) -> None:
         super().load_model()
         self.last_model_output, self._nonfinite, self._nonfinite_on_any_rank = None, None, False
