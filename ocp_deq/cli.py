@@ -135,20 +135,28 @@ def check_model_config(config: dict) -> None:
                               "every solver iteration; set it to 0 (model.deq.variational_dropout keeps one mask per forward)")
 
 
-def check_checkpoint(args) -> None:
-    """--checkpoint must name a readable checkpoint; evaluation modes need one."""
-    if args.checkpoint is None:
-        if args.mode in NEEDS_CHECKPOINT:
-            raise ConfigError(f"--mode {args.mode} needs --checkpoint <checkpoint.pt or best_checkpoint.pt>")
-        return
+def check_checkpoint(args, config: dict) -> None:
+    """--checkpoint, task.finetune_from and the checkpoint a --timestamp-id run resumes from
+    must be readable checkpoints; evaluation modes need one."""
+    finetune = (config.get("task") or {}).get("finetune_from")
+    if args.checkpoint is None and finetune is None and args.mode in NEEDS_CHECKPOINT:
+        raise ConfigError(f"--mode {args.mode} needs --checkpoint <checkpoint.pt or best_checkpoint.pt>")
     from ocp_deq.trainers.checkpointing import CheckpointError, load_checkpoint_file
 
-    if not Path(args.checkpoint).is_file():
-        raise ConfigError(f"--checkpoint: no file '{args.checkpoint}'")
-    try:
-        load_checkpoint_file(args.checkpoint)
-    except CheckpointError as error:
-        raise ConfigError(f"--checkpoint: {error}") from None
+    resume = None  # fairchem resumes from <run-dir>/checkpoints/<timestamp-id>/checkpoint.pt by itself
+    if args.checkpoint is None and args.timestamp_id:
+        found = Path(args.run_dir, "checkpoints", args.timestamp_id, "checkpoint.pt")
+        resume = found if found.is_file() else None
+    for option, path in (("--checkpoint", args.checkpoint), ("task.finetune_from", finetune),
+                         (f"--timestamp-id {args.timestamp_id} (resuming)", resume)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"{option}: no file '{path}'")
+        try:
+            load_checkpoint_file(path)
+        except CheckpointError as error:
+            raise ConfigError(f"{option}: {error}") from None
 
 
 def claim_run_id(run_dir: str, identifier: str | None) -> str:
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         args.config_yml = resolve_config(args.config_yml)
         config = build_config(args, list(override_args))
         check_model_config(config)
-        check_checkpoint(args)
+        check_checkpoint(args, config)
         prepare_data(config)
     except ConfigError as error:
         parser.exit(2, f"ocp_deq: error: {error}\n")

@@ -91,6 +91,7 @@ def test_missing_lmdb_path_is_a_clear_error(toy_root, tmp_path):
 
 def _broken_setups(tmp_path, toy_root):
     """(name, config edit, extra CLI args, message) for mistakes a user makes."""
+    import pickle
     import shutil
 
     truncated = tmp_path / "truncated"
@@ -102,6 +103,16 @@ def _broken_setups(tmp_path, toy_root):
     (text / "data.lmdb").write_text("not a database\n")
     noise = tmp_path / "noise.pt"
     noise.write_bytes(b"random bytes")
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload_ran"), "w"))
+
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps({"state_dict": {}, "x": Payload()}))
+    left = tmp_path / "run_left" / "checkpoints" / "old-run" / "checkpoint.pt"  # resumed by fairchem unasked
+    left.parent.mkdir(parents=True)
+    shutil.copy(crafted, left)
     return [
         ("typo", {"model": {"deq": {"eval_solvr": {}}}}, [], "unknown DEQ option(s) ['eval_solvr'] in 'model.deq'"),
         ("tol0", {"model": {"deq": {"eval_solver": {"tol": 0}}}}, [], "model.deq.eval_solver.tol must be > 0"),
@@ -109,26 +120,44 @@ def _broken_setups(tmp_path, toy_root):
         ("truncated", {"dataset": {"val": {"src": str(truncated)}}}, [], f"LMDB file '{data_file}' is truncated"),
         ("text", {"dataset": {"val": {"src": str(text)}}}, [], f"'{text / 'data.lmdb'}' is not a readable LMDB file"),
         ("noise", {}, ["--checkpoint", str(noise)], f"checkpoint {noise} is not a readable torch checkpoint"),
+        ("crafted", {}, ["--checkpoint", str(crafted)], f"--checkpoint: refusing to load checkpoint {crafted}"),
+        ("left", {}, ["--timestamp-id", "old-run"], f"--timestamp-id old-run (resuming): refusing to load checkpoint {left}"),
         ("predict", {}, ["--mode", "predict"], "--mode predict needs --checkpoint"),
     ]
 
 
-def test_configuration_data_and_checkpoint_mistakes_are_one_line_errors(toy_root, tmp_path):
-    """Each mistake: exit status 2, one message naming the key / file, no traceback, nothing written."""
+def test_configuration_data_and_checkpoint_mistakes_are_one_line_errors(toy_root, tmp_path, capsys):
+    """Each mistake: exit status 2, one message naming the key / file, nothing written, no
+    payload run. The checks run before fairchem starts: in this process (main.py calls the same
+    main), and once through main.py for the real command line."""
+    from ocp_deq.cli import main
+
     for name, edit, extra, message in _broken_setups(tmp_path, toy_root):
         config = make_config(tmp_path, toy_root, model=edit.get("model"))
         data = yaml.safe_load(config.read_text())
         for split, entry in edit.get("dataset", {}).items():
             data["dataset"][split].update(entry)
         config.write_text(yaml.safe_dump(data))
-        args = ["--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / f"run_{name}", *extra]
+        run_dir = tmp_path / f"run_{name}"
+        existed = run_dir.exists()
+        args = ["--mode", "train", "--config-yml", str(config), "--cpu", "--run-dir", str(run_dir), *extra]
         if "--mode" in extra:
             args = args[2:]
-        proc = run_cli(*args, cwd=tmp_path, check=False)
-        assert proc.returncode == 2, (name, proc.stderr[-2000:])
-        assert message in proc.stderr, (name, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, name
-        assert not (tmp_path / f"run_{name}").exists(), name
+        if name == "typo":
+            proc = run_cli(*args, cwd=tmp_path, check=False)
+            code, stderr = proc.returncode, proc.stderr
+            assert "Traceback" not in stderr, name
+        else:
+            with pytest.raises(SystemExit) as exit_info:
+                main(args)
+            code, stderr = exit_info.value.code, capsys.readouterr().err
+        assert code == 2, (name, stderr[-2000:])
+        assert message in stderr and stderr.count("\n") == 1, (name, stderr[-2000:])
+        if existed:
+            assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoint.pt", "checkpoints", "old-run"], name
+        else:
+            assert not run_dir.exists(), name
+    assert not (tmp_path / "payload_ran").exists()
 
 
 def test_frame_without_forces_is_a_clear_error(toy_root, tmp_path):

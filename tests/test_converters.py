@@ -2,6 +2,7 @@
 malformed inputs, and the converted molecules through fairchem's collater and graph code."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import ase.db
@@ -9,8 +10,9 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+import yaml
 from ase import Atoms, units
-from ase.build import molecule
+from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
@@ -21,7 +23,8 @@ from fairchem.core.datasets import LmdbDataset
 from fairchem.core.datasets.lmdb_dataset import data_list_collater
 from fairchem.core.models.base import GraphModelMixin
 from ocp_deq.data import read_lmdb
-from ocp_deq.data.converters import ConversionError, convert_trajectory, unit_factors
+from ocp_deq.data.converters import (ConversionError, convert_trajectory, frame_to_data, make_periodic, read_frames,
+                                     unit_factors)
 from ocp_deq.data.splits import split_indices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,7 +339,6 @@ def test_molecules_go_through_fairchem_collater_and_generate_graph(converted):
 def test_foreign_lmdb_files_are_refused_or_replaced_and_metadata_is_written(sources, tmp_path):
     """A training run reads every *.lmdb in a split folder: a stranger's file there is refused
     (or, with overwrite, removed), and each split gets fairchem's metadata.npz."""
-    import json
     import shutil
 
     out = tmp_path / "out"
@@ -374,3 +376,195 @@ def test_overwrite_failing_half_way_keeps_the_previous_conversion(sources, tmp_p
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # old splits, metadata and conversion.json untouched, no staging left
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- multi-system DFT sets
+
+DFT_SYSTEMS = {  # name -> (structure, periodic directions); bulk, slabs and molecules, 1-13 atoms
+    "Cu_bulk": lambda: bulk("Cu", cubic=True),
+    "AuCu3_bulk": lambda: bulk("Cu", cubic=True),
+    "Al_bulk": lambda: bulk("Al", cubic=True),
+    "Pt111": lambda: fcc111("Pt", (2, 2, 2), vacuum=5.0),
+    "O_on_Ni111": lambda: fcc111("Ni", (2, 2, 2), vacuum=5.0),
+    "CH4": lambda: molecule("CH4"),
+    "NH3": lambda: molecule("NH3"),
+    "H2O": lambda: molecule("H2O"),
+}
+FRAMES_PER_SYSTEM = 3
+
+
+def dft_frames(seed=0):
+    """3 rattled EMT-labelled frames of each system, ``info["system_id"]`` = its name."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for name, build in DFT_SYSTEMS.items():
+        atoms = build()
+        if name == "AuCu3_bulk":
+            atoms.numbers[0] = 79
+        if name == "O_on_Ni111":
+            add_adsorbate(atoms, "O", 1.2, "fcc")
+        for _ in range(FRAMES_PER_SYSTEM):
+            frame = atoms.copy()
+            frame.info = {"system_id": name}
+            frame.positions += rng.normal(0.0, 0.05, frame.positions.shape)
+            frame.calc = EMT()
+            frame.calc = SinglePointCalculator(frame, energy=frame.get_potential_energy(), forces=frame.get_forces())
+            frames.append(frame)
+    return frames
+
+
+def write_dft_db(path, frames):
+    with ase.db.connect(str(path), append=False) as db:
+        for frame in frames:
+            db.write(frame, **frame.info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dft_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dft")
+    frames = dft_frames()
+    ase.io.write(root / "dft.xyz", frames, format="extxyz")
+    return frames, {"db": write_dft_db(root / "dft.db", frames), "extxyz": root / "dft.xyz"}
+
+
+MULTI = dict(split="random", n_train=5, n_val=2, n_test=1, seed=1, periodic_vacuum=6.0)
+
+
+@pytest.mark.parametrize("fmt", ["db", "extxyz"])
+def test_sid_per_system_key_splits_by_system(dft_set, tmp_path, fmt):
+    frames, sources = dft_set
+    record = convert_trajectory(sources[fmt], tmp_path, sid_key="system_id", **MULTI)
+    first_row = 1 if fmt == "db" else 0  # db rows are named by id
+    seen = {}
+    for split, entry in record["written"].items():
+        data = read_lmdb(tmp_path / split)
+        assert [d.sid for d in data] == entry["sids"] and [d.fid for d in data] == entry["fids"]
+        for d, row in zip(data, entry["rows"]):
+            source = frames[row - first_row]
+            assert d.sid == source.info["system_id"] and d.natoms == len(source)
+            assert d.fid == (row - first_row) % FRAMES_PER_SYSTEM  # frame index within its system
+            assert d.energy == pytest.approx(source.get_potential_energy())
+            seen.setdefault(d.sid, set()).add(split)
+        # fairchem's metadata.npz: the atom count of every frame, in LMDB order
+        assert np.load(tmp_path / split / "metadata.npz")["natoms"].tolist() == [int(d.natoms) for d in data]
+    assert all(len(splits) == 1 for splits in seen.values())  # no system in two splits
+    assert len(seen) == record["systems"] == len(DFT_SYSTEMS)
+    assert [record["written"][s]["systems"] for s in ("train", "val", "test")] == [5, 2, 1]
+    assert sum(e["frames"] for e in record["written"].values()) == len(frames)
+    assert json.loads((tmp_path / "conversion.json").read_text())["written"]["val"]["sids"] == record["written"]["val"]["sids"]
+
+
+def test_sid_per_row_and_per_frame_splits(dft_set, tmp_path):
+    frames, sources = dft_set
+    by_row = convert_trajectory(sources["db"], tmp_path / "row", sid_per="row", n_train=16, n_val=4, n_test=4,
+                                periodic_vacuum=6.0)
+    data = [d for split in ("train", "val", "test") for d in read_lmdb(tmp_path / "row" / split)]
+    assert sorted(d.sid for d in data) == list(range(1, len(frames) + 1)) and {d.fid for d in data} == {0}
+    by_frame = convert_trajectory(sources["extxyz"], tmp_path / "frame", sid_key="system_id", split_by="frame",
+                                  n_train=16, n_val=4, n_test=4, seed=0, periodic_vacuum=6.0)
+    assert by_frame["split"]["by"] == "frame"
+    splits_of = {}
+    for split, entry in by_frame["written"].items():
+        for sid in entry["sids"]:
+            splits_of.setdefault(sid, set()).add(split)
+    assert max(len(s) for s in splits_of.values()) > 1  # frames drawn independently of their system
+
+
+def test_periodic_vacuum_keeps_every_neighbour(dft_set, tmp_path):
+    """Bulk, slab (pbc TTF) and molecule rows keep their own cell and pbc; periodic_vacuum
+    makes them periodic without adding a neighbour within the cutoff (fairchem's graph)."""
+    frames, sources = dft_set
+    kept, _ = read_frames(sources["extxyz"])
+    assert {tuple(f["pbc"].tolist()) for f in kept} == {(True,) * 3, (True, True, False), (False,) * 3}
+
+    class Graph(GraphModelMixin):
+        cutoff, max_neighbors, use_pbc, use_pbc_single, otf_graph = 5.0, 1000, True, False, True
+
+    def edges(frame):
+        batch = data_list_collater([frame_to_data(frame, 0, 0)], otf_graph=True)
+        graph = Graph().generate_graph(batch, use_pbc=bool(frame["pbc"].any()), otf_graph=True)
+        return sorted(zip(*graph.edge_index.tolist(), graph.edge_distance.round(decimals=4).tolist()))
+
+    for frame in (kept[0], kept[9], kept[15]):  # Cu bulk, Pt(111) slab, CH4
+        padded = make_periodic(frame, 6.0)
+        assert padded["pbc"].all() and edges(padded) == edges(frame)
+        same = frame["pbc"]
+        np.testing.assert_allclose(padded["cell"][same], frame["cell"][same])  # periodic directions untouched
+        np.testing.assert_allclose(padded["forces"], frame["forces"])
+
+
+def _drop_sid_on_row(frames, path):
+    frames = dft_frames()
+    del frames[4].info["system_id"]
+    return write_dft_db(path.with_suffix(".db"), frames)
+
+
+def _mixed_energy_units(frames, path):
+    frames = dft_frames()
+    for i, frame in enumerate(frames):
+        frame.info["energy_unit"] = "kcal/mol" if i == 7 else "eV"
+    ase.io.write(path.with_suffix(".xyz"), frames, format="extxyz")
+    return path.with_suffix(".xyz")
+
+
+def _no_forces_on_row(frames, path):
+    frames = dft_frames()
+    frames[10].calc = SinglePointCalculator(frames[10], energy=frames[10].get_potential_energy())
+    return write_dft_db(path.with_suffix(".db"), frames)
+
+
+MULTI_MALFORMED = {  # (source, convert options, expected message parts)
+    "sid key missing on a row": (_drop_sid_on_row, {}, ["key 'system_id' (sid)", "frame 4 (db id 5)", "missing"]),
+    "mixed units": (_mixed_energy_units, {}, ["key 'energy_unit'", "frame 7", "'kcal/mol'", "mixed units"]),
+    "forces missing on a row": (_no_forces_on_row, {}, ["key 'forces'", "frame 10 (db id 11)", "missing"]),
+    "mixed pbc": (lambda frames, path: write_dft_db(path.with_suffix(".db"), frames), {"periodic_vacuum": None},
+                  ["different periodic boundary conditions", "[False, False, False] first at frame 15 (db id 16)",
+                   "--periodic-vacuum"]),
+}
+
+
+@pytest.mark.parametrize("case", MULTI_MALFORMED)
+def test_malformed_multi_system_set_names_file_row_key_and_writes_nothing(case, dft_set, tmp_path):
+    make, options, expected = MULTI_MALFORMED[case]
+    source = make(dft_set[0], tmp_path / "bad")
+    with pytest.raises(ConversionError) as err:
+        convert_trajectory(source, tmp_path / "out", sid_key="system_id", **{**MULTI, **options})
+    message = str(err.value)
+    assert message.startswith(str(source)) and all(part in message for part in expected), message
+    assert lmdb_files(tmp_path / "out") == [] and not (tmp_path / "out" / "conversion.json").exists()
+
+
+def test_custom_template_trains_on_a_converted_dft_set(dft_set, tmp_path, capsys):
+    """The README's "Your own DFT set": convert through the CLI, train the template (tiny
+    width) for 1 epoch; fairchem fits the element references on the training split."""
+    from conftest import TINY_MODEL, run_cli
+    from fairchem.core.common.utils import load_config
+
+    spec = importlib.util.spec_from_file_location("convert_trajectory", REPO / "scripts" / "convert_trajectory.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    data = tmp_path / "data" / "custom"
+    assert cli.main([str(dft_set[1]["db"]), "-o", str(data), "--sid-key", "system_id", "--train", "6", "--val", "1",
+                     "--test", "1", "--periodic-vacuum", "6"]) == 0
+    assert "8 system(s), sid from key 'system_id'" in capsys.readouterr().out
+
+    config, _, _ = load_config(str(REPO / "configs" / "s2ef" / "custom" / "deq_equiformer_v2_custom.yml"))
+    assert config["model"]["use_pbc"] is True and config["task"]["prediction_dtype"] == "float32"
+    assert [config["dataset"][s]["src"] for s in ("train", "val", "test")] == [f"data/custom/{s}" for s in ("train", "val", "test")]
+    config["model"].update(TINY_MODEL, num_layers=1)
+    config["optim"].update(batch_size=6, eval_batch_size=6, max_epochs=1)
+    (tmp_path / "custom.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = run_cli("--mode", "train", "--config-yml", "custom.yml", "--cpu", "--run-dir", "run", cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "Training accuracy metrics for fitted linear element references" in log
+    [checkpoint] = (tmp_path / "run" / "checkpoints").glob("*/checkpoint.pt")
+    refs = torch.load(checkpoint, map_location="cpu", weights_only=False)["elementrefs"]["energy"]["element_references"]
+    train = read_lmdb(data / "train")  # fitted on the training split only, as a least-squares fit here
+    counts = np.array([np.bincount(d.atomic_numbers.long(), minlength=len(refs)) for d in train], dtype=float)
+    used = counts.sum(0) > 0
+    expected = np.linalg.lstsq(counts[:, used], [d.energy for d in train], rcond=None)[0]
+    np.testing.assert_allclose(refs[used].numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert not refs[~used].any()
+    [predictions] = (tmp_path / "run" / "results").glob("*/ocp_predictions.npz")
+    assert np.load(predictions)["energy"].dtype == np.float32

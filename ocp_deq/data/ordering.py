@@ -27,12 +27,18 @@ def frame_ids(dataset, where: str = "dataset") -> list[tuple]:
                 f"{where}: frame {index} has no {'sid' if sid is None else 'fid'}; ordered evaluation "
                 f"needs a trajectory id (sid) and a frame index (fid) per frame"
             )
-        ids.append((_plain(sid), _plain(fid)))
+        ids.append((plain_id(sid), plain_id(fid)))
     return ids
 
 
-def _plain(value):
+def plain_id(value):
+    """A sid or fid as a plain Python value (tensors hold them as 0-d tensors)."""
     return value.item() if hasattr(value, "item") else value
+
+
+def id_list(values) -> list:
+    """A batch's sids or fids as a list: a tensor of integers, or a list of names."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 def trajectory_batches(ids: list[tuple], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

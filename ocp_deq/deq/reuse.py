@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ocp_deq.data.ordering import id_list
 from ocp_deq.deq.settings import ReuseSettings, TrainStartSettings
 
 
@@ -57,7 +58,7 @@ class FixedPointCache:
         if self._keys is not None:
             keys = self._keys
         elif getattr(data, "sid", None) is not None:
-            keys = data.sid.tolist() if torch.is_tensor(data.sid) else list(data.sid)
+            keys = id_list(data.sid)
         else:
             raise KeyError("fixed-point reuse needs a system id per graph: the batch has no 'sid' (pass keys)")
         if len(keys) != data.natoms.numel():
@@ -164,9 +165,7 @@ class TrainingFrameMemory(FixedPointCache):
             if getattr(data, name, None) is None:
                 raise KeyError(f"model.deq.train_start needs '{name}' in every training frame (OC20 LMDB "
                                f"frames and ocp_deq's converters carry sid and fid); this batch has no '{name}'")
-        ids = (data.sid.tolist() if torch.is_tensor(data.sid) else list(data.sid),
-               data.fid.tolist() if torch.is_tensor(data.fid) else list(data.fid))
-        keys = list(zip(*ids))
+        keys = list(zip(id_list(data.sid), id_list(data.fid)))
         if len(keys) != data.natoms.numel():
             raise ValueError(f"model.deq.train_start: {len(keys)} frame ids for {data.natoms.numel()} graphs")
         return keys

@@ -19,6 +19,7 @@ from fairchem.core.models.equiformer_v2.layer_norm import get_normalization_laye
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding
 from torchdeq.norm import apply_norm, reset_norm
 
+from ocp_deq.data.ordering import id_list
 from ocp_deq.deq import DEQSettings, OPTIONAL_STAT_KEYS, SOLVER_STAT_KEYS, Segments, equilibrium
 from ocp_deq.deq.reuse import FixedPointCache, TrainingFrameMemory
 from ocp_deq.deq.settings import DEQConfigError, SolverSettings
@@ -37,7 +38,7 @@ def _systems(data, node_mask: torch.Tensor) -> str:
     sid = getattr(data, "sid", None)
     if sid is None:
         return f"at batch index {graphs}"
-    names = sid.tolist() if torch.is_tensor(sid) else list(sid)
+    names = id_list(sid)
     return "sid=" + ", ".join(str(names[g]) for g in graphs)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from fairchem.core.common import distutils
+from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -105,6 +106,35 @@ class ResumableCheckpoints:
         restored.append(f"normalizers {sorted(self.normalizers)}")
         if distutils.is_master():
             logging.info(f"ocp_deq: restored from {checkpoint_path}: {', '.join(restored)}")
+
+    def load_extras(self) -> None:
+        super().load_extras()
+        source = self.config.get("task", {}).get("finetune_from")
+        if source:
+            self.finetune_from(source)
+
+    def finetune_from(self, path: str) -> None:
+        """``task.finetune_from``: start from a checkpoint's weights (and its EMA, normalisers
+        and element references when present) at step 0, with this config's fresh optimiser and
+        LR schedule. A resume (``--checkpoint``, or the run's own ``checkpoint.pt``) is loaded
+        afterwards and wins. Without an EMA in the file, the EMA restarts from the weights
+        (fairchem would otherwise switch EMA off)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"task.finetune_from: checkpoint not found: {path}")
+        checkpoint = load_checkpoint_file(path, "cpu" if self.cpu else self.device)
+        kept = {key: checkpoint[key] for key in ("state_dict", "ema", "normalizers", "elementrefs", "config", "scale_dict")
+                if checkpoint.get(key) is not None}
+        kept.setdefault("normalizers", {})
+        wants_ema = self.ema is not None
+        # no optimizer, scheduler or step in `kept`: fairchem keeps the fresh ones and sets step 0
+        super(ResumableCheckpoints, self).load_checkpoint(path, self._adapt_to_force_mode(kept, path))
+        if wants_ema and self.ema is None:
+            self.ema = ExponentialMovingAverage(self.model.parameters(), self.ema_decay)
+        self.completed_step = self.step
+        if distutils.is_master():
+            what = ["weights", "EMA" if "ema" in kept else "EMA from the weights" if self.ema is not None else "no EMA",
+                    f"normalizers {sorted(kept['normalizers'])}", f"element references {sorted(kept.get('elementrefs', {}))}"]
+            logging.info(f"ocp_deq: fine-tuning from {path}: {', '.join(what)}; step 0, fresh optimizer and LR schedule")
 
     def _adapt_to_force_mode(self, checkpoint: dict, checkpoint_path: str) -> dict:
         """A checkpoint saved in the other force mode has another set of trainable parameters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
 
-from ocp_deq.data.ordering import frame_ids, trajectory_batches
+from ocp_deq.data.ordering import frame_ids, id_list, plain_id, trajectory_batches
 from ocp_deq.deq import OPTIONAL_STAT_KEYS, SOLVER_STAT_KEYS
 from ocp_deq.trainers.checkpointing import ResumableCheckpoints
 from ocp_deq.trainers.distributed import all_reduce_step_metrics, log_solver_counts
@@ -183,10 +184,26 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             yield cache
 
     def run_relaxations(self):
+        self._check_relaxation_ids()
         # ranks whose relaxations converge early run fewer steps: no per-step collectives
         with self._rank_local(), self.fixed_point_reuse() as cache, \
                 self.solver_report("relaxations", cache is not None):
             return super().run_relaxations()
+
+    def _check_relaxation_ids(self) -> None:
+        """fairchem keys relaxation outputs by sid (duplicates dropped): refuse a relax set in
+        which frames share one (e.g. several frames of one converted trajectory) before
+        relaxing, rather than lose all but one of their results."""
+        dataset = getattr(self, "relax_dataset", None)
+        if dataset is None:
+            return
+        counts = Counter(str(plain_id(dataset[i].sid)) for i in range(len(dataset)))
+        shared = {sid: n for sid, n in counts.items() if n > 1}
+        if shared:
+            example = ", ".join(f"sid {sid}: {n} frames" for sid, n in list(shared.items())[:3])
+            raise ValueError(f"dataset.relax ({self.config['dataset'].get('relax', {}).get('src')}): {len(shared)} "
+                             f"sid(s) shared by several frames ({example}); fairchem writes one relaxation per sid, "
+                             "so give each initial structure its own sid")
 
     def _ordered_evaluation(self):
         """``task.ordered_evaluation``: false, true (trajectory order + reuse) or ``compare``
@@ -315,7 +332,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         log, out = getattr(self, "_solver_log", None), self.last_model_output or {}
         if log is not None and "deq_nstep" in out:
             sid = getattr(batch, "sid", None)
-            sids = sid.tolist() if torch.is_tensor(sid) else list(sid) if sid is not None else [None] * len(out["deq_nstep"])
+            sids = id_list(sid) if sid is not None else [None] * len(out["deq_nstep"])
             log.append({"sid": sids, "nstep": out["deq_nstep"].tolist(), "converged": out["deq_converged"].tolist()})
 
     def _find_nonfinite(self, out, batch) -> str | None:
@@ -334,7 +351,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             bad[graphs] = True
         if not what:
             return None
-        sids = batch.sid[bad].tolist() if hasattr(batch, "sid") and torch.is_tensor(batch.sid) else "?"
+        sids = [sid for sid, hit in zip(id_list(batch.sid), bad.tolist()) if hit] if hasattr(batch, "sid") else "?"
         return f"non-finite {', '.join(what)} at step {self.step} (epoch {self.epoch:.3f}) for systems sid={sids}"
 
     def _shape_like_targets(self, prediction: dict, batch) -> dict:
@@ -356,7 +373,7 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
             if "deq_jac_loss" in model_out:
                 loss = loss + settings.jacobian.weight * model_out["deq_jac_loss"]
         if self._nonfinite is None and not torch.isfinite(loss.detach()):
-            self._nonfinite = f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.epoch:.3f}) for systems sid={batch.sid.tolist()}"
+            self._nonfinite = f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.epoch:.3f}) for systems sid={id_list(batch.sid)}"
         if self._nonfinite is not None and self._nonfinite_action() == "skip":
             return torch.zeros((), device=loss.device, requires_grad=True)
         return loss

@@ -1,0 +1,95 @@
+"""Start a DEQ EquiformerV2 from a trained explicit EquiformerV2 of the same width and lmax/mmax.
+
+Both models are built from fairchem's parts, so the encoder (atom and edge-degree
+embeddings), the final norm and the heads map one to one, and each block of f is a copy of
+a chosen explicit block. What the explicit model has no counterpart for (the update gain,
+an injection or extra norms) keeps its initialisation. Old-style ``equiformer_v2`` and
+hydra ``equiformer_v2_backbone_and_heads`` checkpoints are both read; the EMA weights
+(what fairchem validates) are used when the checkpoint has them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fairchem.core.common.registry import registry
+
+BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.(.+)$")
+
+
+class MappingError(ValueError):
+    """Explicit and DEQ weights that do not fit together (the message names the key)."""
+
+
+def hydra_name(key: str) -> str:
+    """An explicit model's parameter name in the hydra layout our DEQ uses."""
+    key = key.removeprefix("module.")
+    for block, head in (("energy_block.", "energy"), ("force_block.", "forces")):
+        if key.startswith(block):  # old-style: heads at the top level
+            return f"output_heads.{head}.{key}"
+        match = re.match(rf"^output_heads\.[^.]+\.({re.escape(block)}.*)$", key)
+        if match:  # hydra: heads under any name
+            return f"output_heads.{head}.{match.group(1)}"
+    return key if key.startswith("backbone.") else f"backbone.{key}"
+
+
+def explicit_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, str]:
+    """The explicit model's tensors by hydra name, the EMA shadows in place of the trained
+    parameters when present and asked for; and which weights were taken."""
+    state = {hydra_name(k): v for k, v in checkpoint["state_dict"].items()}
+    ema = checkpoint.get("ema")
+    if not use_ema or not ema or not ema.get("shadow_params"):
+        return state, "trained weights"
+    model_config = dict((checkpoint.get("config") or {}).get("model") or {})
+    name = model_config.pop("name", None)
+    if name is None:
+        raise MappingError("the explicit checkpoint's config names no model: cannot place its EMA weights "
+                           "(pass use_ema=False / --no-ema to use the trained weights)")
+    model = registry.get_model_class(name)(**model_config)
+    names = [hydra_name(n) for n, p in model.named_parameters() if p.requires_grad]
+    if len(names) != len(ema["shadow_params"]):
+        raise MappingError(f"the explicit checkpoint's EMA holds {len(ema['shadow_params'])} tensors, its model "
+                           f"{name} trains {len(names)}")
+    state.update(zip(names, ema["shadow_params"]))
+    return state, "EMA weights"
+
+
+def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) -> tuple[dict, list[tuple]]:
+    """``deq_state`` (a freshly built DEQ's state dict) with every tensor that has an explicit
+    counterpart replaced: DEQ block j <- explicit block ``blocks[j]``. Returns the new state
+    and the mapping rows (deq key, explicit key or None when kept from initialisation)."""
+    explicit_blocks = sorted({int(m.group(1)) for k in explicit if (m := BLOCK.match(k))})
+    deq_blocks = sorted({int(m.group(1)) for k in deq_state if (m := BLOCK.match(k))})
+    if len(blocks) != len(deq_blocks):
+        raise MappingError(f"the DEQ's f has {len(deq_blocks)} block(s) (model.num_layers): give that many explicit "
+                           f"block indices, got {blocks}")
+    for index in blocks:
+        if index not in explicit_blocks:
+            raise MappingError(f"explicit block {index} does not exist: the explicit model has blocks {explicit_blocks}")
+    state, rows = {}, []
+    for key, value in deq_state.items():
+        match = BLOCK.match(key)
+        source = f"backbone.blocks.{blocks[int(match.group(1))]}.{match.group(2)}" if match else key
+        if source not in explicit:
+            state[key] = value
+            rows.append((key, None))
+            continue
+        weight = explicit[source]
+        if weight.shape != value.shape:
+            raise MappingError(f"{key}: the DEQ's shape {tuple(value.shape)} differs from the explicit {source} "
+                               f"{tuple(weight.shape)}; build the DEQ with the explicit model's channels and lmax/mmax")
+        state[key] = weight.to(value.dtype).clone()
+        rows.append((key, source))
+    return state, rows
+
+
+def summarise_mapping(rows: list[tuple]) -> list[str]:
+    """One line per module (first three name parts): where its tensors came from."""
+    groups: dict = {}
+    for key, source in rows:
+        module = ".".join(key.split(".")[:3])
+        origin = "kept from initialisation" if source is None else ".".join(source.split(".")[:3])
+        groups.setdefault((module, origin), 0)
+        groups[(module, origin)] += 1
+    return [f"{module:45s} <- {origin} ({n} tensors)" for (module, origin), n in groups.items()]
+
