@@ -78,6 +78,8 @@ def prepare_data(config: dict) -> None:
             ensure_molecule_data(root, spec)
         else:
             raise ConfigError(f"toy_data.kind='{kind}' must be 's2ef' or 'molecule'")
+    from ocp_deq.data.lmdb_io import LMDBFileError, check_lmdb_file
+
     datasets = config.get("dataset", {})
     for split in DATASET_SPLITS:
         entry = datasets.get(split)
@@ -88,30 +90,14 @@ def prepare_data(config: dict) -> None:
             if src.is_dir() and not any(src.glob("*.lmdb")):
                 raise ConfigError(f"dataset.{split}.src: folder '{src}' holds no *.lmdb file")
             for path in sorted(src.glob("*.lmdb")) if src.is_dir() else [src]:
-                check_lmdb_file(path, f"dataset.{split}.src")
+                try:
+                    check_lmdb_file(path)
+                except LMDBFileError as error:
+                    raise ConfigError(f"dataset.{split}.src: {error}") from None
 
 
 DEQ_MODELS = ("deq_equiformer_v2", "deq_equiformer_v2_backbone")
 NEEDS_CHECKPOINT = ("predict", "validate", "run-relaxations")
-
-
-def check_lmdb_file(path: Path, where: str) -> None:
-    """Open an LMDB file as fairchem will, and refuse one that is not LMDB or is truncated,
-    before anything is written (reading a truncated file's missing pages kills the process
-    with SIGBUS, without a message)."""
-    import lmdb
-
-    try:
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_readers=1)
-    except lmdb.Error as error:
-        raise ConfigError(f"{where}: '{path}' is not a readable LMDB file ({error})") from None
-    try:
-        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        size = path.stat().st_size
-        if size < needed:
-            raise ConfigError(f"{where}: LMDB file '{path}' is truncated: {size} bytes, its pages need {needed}")
-    finally:
-        env.close()
 
 
 def check_model_config(config: dict) -> None:

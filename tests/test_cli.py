@@ -55,6 +55,7 @@ def test_predict_writes_s2ef_predictions(trained, toy_root):
     assert pred["forces"].shape == (sum(free_atoms), 3)
     assert len(pred["chunk_idx"]) == len(frames) - 1
     assert np.isfinite(pred["forces"]).all()
+    assert pred["energy"].dtype == pred["forces"].dtype == np.float32  # the toy base: float16 is too coarse
 
 
 def test_validate_reports_metrics(trained):

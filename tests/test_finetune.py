@@ -3,26 +3,23 @@ schedule, weights and EMA loaded) and a DEQ started from an explicit EquiformerV
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import REPO, make_config, run_cli
+from conftest import load_script, make_config, run_cli
 
 LR = 1e-9  # fine-tuning steps that leave the weights where they were loaded
 
 
 def parameter_names(checkpoint) -> list[str]:
-    """Parameter names, in order, of the model rebuilt from a checkpoint's config (the EMA
-    keeps one shadow per trainable parameter in this order; all are trainable here)."""
+    """Trainable parameter names, in order, of the model rebuilt from a checkpoint's config
+    (the EMA keeps one shadow per trainable parameter, in this order)."""
     import ocp_deq  # noqa: F401
     from fairchem.core.common.registry import registry
 
     model_config = dict(checkpoint["config"]["model"])
     model = registry.get_model_class(model_config.pop("name"))(**model_config)
-    return [name for name, _ in model.named_parameters()]
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def load(path) -> dict:
@@ -45,12 +42,15 @@ def steps_per_epoch(toy_root, batch_size=4):
 
 
 def test_finetune_from_starts_at_step_zero_with_the_loaded_weights_and_ema(trained_deq, toy_root, tmp_path):
+    """The README's direct -> conservative fine-tuning: the conservative run trains all but
+    the (unused, frozen) direct force head, so the EMA is re-indexed by parameter name."""
     work, config, _, source_path = trained_deq
     source = load(source_path)
     assert source["step"] > steps_per_epoch(toy_root) and source["ema"] is not None
+    assert source["config"]["model"].get("force_mode", "direct") == "direct"
     proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path, "--identifier", "ft",
                    "--seed", "7", f"task.finetune_from={source_path}", "optim.max_epochs=1",
-                   f"optim.lr_initial={LR}", cwd=work)
+                   "model.force_mode=conservative", f"optim.lr_initial={LR}", cwd=work)
     log = proc.stdout + proc.stderr
     assert f"ocp_deq: fine-tuning from {source_path}: weights, EMA," in log
     _, tuned = checkpoint_of(tmp_path)
@@ -61,9 +61,12 @@ def test_finetune_from_starts_at_step_zero_with_the_loaded_weights_and_ema(train
         torch.testing.assert_close(tuned["state_dict"][key], value, atol=1e-6, rtol=0)
     # the EMA went on from the source's: after k steps on (fixed) weights w, shadow - w = decay^k (source shadow - w)
     decay = tuned["config"]["optim"]["ema_decay"]
-    weights = [source["state_dict"][name] for name in parameter_names(source)]
+    old_shadows = dict(zip(parameter_names(source), source["ema"]["shadow_params"], strict=True))
+    trainable = parameter_names(tuned)
+    assert len(trainable) < len(old_shadows) and not any(".output_heads.forces." in f".{n}" for n in trainable)
     moved = 0.0
-    for shadow, old, w in zip(tuned["ema"]["shadow_params"], source["ema"]["shadow_params"], weights, strict=True):
+    for name, shadow in zip(trainable, tuned["ema"]["shadow_params"], strict=True):
+        old, w = old_shadows[name], source["state_dict"][name]
         torch.testing.assert_close(shadow - w, decay ** tuned["step"] * (old - w), atol=1e-6, rtol=1e-4)
         moved = max(moved, float((old - w).abs().max()))
     assert moved > 1e-3  # the source's EMA differs from its weights: the check can fail
@@ -107,20 +110,25 @@ def explicit_run(toy_root, tmp_path_factory):
     return work, path, checkpoint
 
 
-def deq_from_explicit(*args, check=True):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "deq_from_explicit.py"), *map(str, args)],
-                          capture_output=True, text=True, check=check)
+def deq_from_explicit(capsys, *args) -> tuple[int, str, str]:
+    """scripts/deq_from_explicit.py in this process: (exit code, stdout, stderr)."""
+    try:
+        code = load_script("deq_from_explicit").main([str(a) for a in args])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_deq_started_from_explicit_weights_trains(explicit_run, toy_root, tmp_path):
+def test_deq_started_from_explicit_weights_trains(explicit_run, toy_root, tmp_path, capsys):
     from ocp_deq.models.from_explicit import hydra_name
 
     work, explicit_path, explicit = explicit_run
     config = make_config(tmp_path, toy_root)
     start = tmp_path / "start.pt"
-    proc = deq_from_explicit(explicit_path, "--config-yml", config, "--blocks", "1", "-o", start)
-    assert "EMA weights of a 3-block explicit model; f <- explicit block(s) [1]" in proc.stdout
-    assert "backbone.deq_update_gain" in proc.stdout and "kept from initialisation" in proc.stdout
+    code, out, _ = deq_from_explicit(capsys, explicit_path, "--config-yml", config, "--blocks", "1", "-o", start)
+    assert code == 0 and "EMA weights of a 3-block explicit model; f <- explicit block(s) [1]" in out
+    assert "backbone.deq_update_gain" in out and "kept from initialisation" in out
     deq = load(start)
     # independent of the mapping code: the EMA shadows in the order of the explicit model's parameters
     ema = dict(zip(parameter_names(explicit), explicit["ema"]["shadow_params"], strict=True))
@@ -135,9 +143,28 @@ def test_deq_started_from_explicit_weights_trains(explicit_run, toy_root, tmp_pa
                    "--identifier", "d", f"task.finetune_from={start}", cwd=tmp_path)
     assert f"ocp_deq: fine-tuning from {start}: weights, EMA from the weights" in proc.stdout + proc.stderr
     assert "forces_mae" in proc.stdout + proc.stderr
+    # the same explicit model in fairchem's other layouts: its published one (model name +
+    # model_attributes) gives the same start; its hydra conversion (which drops the EMA) the trained weights
+    from fairchem.core.models.equiformer_v2.eqv2_to_eqv2_hydra import convert_checkpoint_and_config_to_hydra
+
+    published = dict(explicit, config=dict(explicit["config"]))
+    published["config"]["model_attributes"] = dict(published["config"]["model"])
+    published["config"]["model"] = published["config"]["model_attributes"].pop("name")
+    torch.save(published, tmp_path / "published.pt")
+    convert_checkpoint_and_config_to_hydra(str(work / "test_equiformer_v2_toy.yml"), str(explicit_path),
+                                           str(tmp_path / "hydra.yml"), str(tmp_path / "hydra.pt"))
+    trained = {hydra_name(k).replace("backbone.blocks.1.", "backbone.blocks.0."): v
+               for k, v in explicit["state_dict"].items()
+               if not hydra_name(k).startswith("backbone.blocks.") or hydra_name(k).startswith("backbone.blocks.1.")}
+    for source, reference in (("published.pt", expected), ("hydra.pt", trained)):
+        assert deq_from_explicit(capsys, tmp_path / source, "--config-yml", config, "--blocks", "1",
+                                 "-o", tmp_path / f"from_{source}")[0] == 0
+        state = load(tmp_path / f"from_{source}")["state_dict"]
+        for key, value in reference.items():
+            assert torch.equal(state[key], value), (source, key)
     # the wrong width is refused by name
     (tmp_path / "wide").mkdir()
     wider = make_config(tmp_path / "wide", toy_root, model={"sphere_channels": 24})
-    proc = deq_from_explicit(explicit_path, "--config-yml", wider, "-o", tmp_path / "x.pt", check=False)
-    assert proc.returncode == 2 and "differs from the explicit" in proc.stderr and not (tmp_path / "x.pt").exists()
+    code, _, err = deq_from_explicit(capsys, explicit_path, "--config-yml", wider, "-o", tmp_path / "x.pt")
+    assert code == 2 and "differs from the explicit" in err and not (tmp_path / "x.pt").exists()
 

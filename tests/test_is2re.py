@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,17 +12,10 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
 import ocp_deq  # noqa: F401  (before fairchem)
-from conftest import REPO, run_cli
+from conftest import load_script, run_cli
 from fairchem.core.datasets import LmdbDataset
 from fairchem.core.scripts import make_submission_file as fairchem_merge
 from ocp_deq import leaderboard as lb
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +14,8 @@ from torch_geometric.data import Data
 import ocp_deq  # noqa: F401  (before fairchem)
 from fairchem.core.modules.evaluator import Evaluator
 from ocp_deq import leaderboard as lb
+from conftest import REPO, load_script
 from ocp_deq.data import write_lmdb
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fairchem_predictions(rng, n: int, sid0: int, energy_column: bool = False) -> dict:
@@ -446,6 +436,15 @@ def test_scripts_argument_errors(s2ef_files, labelled, tmp_path, capsys):
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["x", "data", "mean"]
     assert rows[2][1:5] == rows[0][1:5] and rows[2][5] == "6"  # mean of two equal splits; systems summed
+    # a truncated labels file (reading it would die of SIGBUS) and a text file: one line naming the file
+    truncated = tmp_path / "truncated.lmdb"
+    truncated.write_bytes(lmdb.read_bytes()[: lmdb.stat().st_size // 3])
+    (tmp_path / "text.lmdb").write_text("not a database\n")
+    for bad, message in ((truncated, f"LMDB file '{truncated}' is truncated"),
+                         (tmp_path / "text.lmdb", f"'{tmp_path / 'text.lmdb'}' is not a readable LMDB file")):
+        assert evaluate(["--predictions", str(pred_path), "--lmdb", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_fairchems_own_merged_file_is_valid(s2ef_files, tmp_path):

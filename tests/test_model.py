@@ -11,6 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from conftest import REPO, TINY_MODEL
 from ocp_deq.data import read_lmdb
+from ocp_deq.models.deq_equiformer_v2 import EquiformerFixedPoint
 from ocp_deq.deq.settings import DEQConfigError, DEQSettings
 
 # No neighbour truncation: fairchem's max_neighbors cut alone breaks rotation symmetry.
@@ -105,13 +106,32 @@ def test_graph_prediction_is_independent_of_batch_partners(frames, monkeypatch):
 
 
 def test_solver_statistics_are_returned_per_graph(frames):
-    model = build("deq_equiformer_v2", num_layers=1)
-    out = model(data_list_collater(frames[:3], otf_graph=True))
+    """Shapes per graph, and what the statistics mean: a tolerance out of reach leaves every
+    graph at max_iter, unconverged, with the residual the iteration reached (as an unrolled
+    fixed-point iteration of the same f shows it); a loose one stops at the first evaluation."""
+    batch = data_list_collater(frames[:3], otf_graph=True)
+    unreachable = {"eval_solver": {"solver": "fixed_point_iter", "tol": 1e-12, "max_iter": 3}}
+    model = build("deq_equiformer_v2", num_layers=1, deq=unreachable)
+    torch.manual_seed(5)
+    out = model(batch)
     assert out["energy"].shape == (3,)
     assert out["forces"].shape == (sum(int(f.natoms) for f in frames[:3]), 3)
     assert out["deq_nstep"].shape == out["deq_residual"].shape == out["deq_converged"].shape == (3,)
-    tol = model.backbone.deq_settings.eval_solver.tol
-    assert bool(((out["deq_residual"] < tol) == out["deq_converged"]).all())
+    assert out["deq_nstep"].tolist() == [3.0] * 3 and not out["deq_converged"].any()
+    # the same three evaluations by hand: z1 = f(0), z2 = f(z1), residual |f(z2) - z2| / |f(z2)|
+    backbone = model.backbone
+    torch.manual_seed(5)
+    x, graph = backbone.encode(batch)
+    problem = EquiformerFixedPoint.build(backbone, x, graph, batch)
+    z = torch.zeros_like(x)
+    for _ in range(2):
+        z = problem.f(z)
+    fz = problem.f(z)
+    by_hand = problem.segments.norm(fz - z) / problem.segments.norm(fz)
+    torch.testing.assert_close(out["deq_residual"], by_hand, rtol=1e-3, atol=1e-7)
+    loose = build("deq_equiformer_v2", num_layers=1, deq={"eval_solver": {"tol": 10.0}})
+    out = loose(batch)
+    assert out["deq_nstep"].tolist() == [1.0] * 3 and out["deq_converged"].all()
 
 
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yml") if p.name != "base.yml")

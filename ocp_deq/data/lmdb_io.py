@@ -79,8 +79,29 @@ def staged_outputs(folder: str | Path, names: Iterable[str]):
     shutil.rmtree(stage, ignore_errors=True)
 
 
-class UnsafeFrameError(pickle.UnpicklingError):
+class UnsafeFrameError(pickle.UnpicklingError, ValueError):
     """An LMDB value that asks to unpickle something a PyG ``Data`` frame never holds."""
+
+
+class LMDBFileError(ValueError):
+    """A file that is not LMDB, or is truncated (the message names it)."""
+
+
+def check_lmdb_file(path: Path) -> None:
+    """Open an LMDB file as fairchem will, and refuse one that is not LMDB or is truncated,
+    before anything reads it (reading a truncated file's missing pages kills the process
+    with SIGBUS, without a message)."""
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_readers=1)
+    except lmdb.Error as error:
+        raise LMDBFileError(f"'{path}' is not a readable LMDB file ({error})") from None
+    try:
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = Path(path).stat().st_size
+        if size < needed:
+            raise LMDBFileError(f"LMDB file '{path}' is truncated: {size} bytes, its pages need {needed}")
+    finally:
+        env.close()
 
 
 def _load_storage(data: bytes):
@@ -130,6 +151,7 @@ def read_lmdb(path: str | Path) -> list:
         raise FileNotFoundError(f"no LMDB file at '{path}'")
     frames = []
     for file in files:
+        check_lmdb_file(file)
         env = lmdb.open(str(file), subdir=False, readonly=True, lock=False)
         with env.begin() as txn:
             raw = txn.get(b"length")

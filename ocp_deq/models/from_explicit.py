@@ -3,8 +3,11 @@
 Both models are built from fairchem's parts, so the encoder (atom and edge-degree
 embeddings), the final norm and the heads map one to one, and each block of f is a copy of
 a chosen explicit block. What the explicit model has no counterpart for (the update gain,
-an injection or extra norms) keeps its initialisation. Old-style ``equiformer_v2`` and
-hydra ``equiformer_v2_backbone_and_heads`` checkpoints are both read; the EMA weights
+extra norms: ``backbone.deq_*``) keeps its initialisation; any other tensor without a
+counterpart is an error, not a silent random start. Old-style ``equiformer_v2`` checkpoints
+(also fairchem's published ones: ``model`` + ``model_attributes``) and hydra ones (``hydra``
+with ``equiformer_v2_backbone`` and the ``equiformer_v2_energy_head`` / ``_force_head``
+heads, as fairchem's ``eqv2_to_hydra_eqv2.py`` writes them) are both read; the EMA weights
 (what fairchem validates) are used when the checkpoint has them.
 """
 
@@ -33,6 +36,16 @@ def hydra_name(key: str) -> str:
     return key if key.startswith("backbone.") else f"backbone.{key}"
 
 
+def model_of(config: dict) -> tuple[str | None, dict]:
+    """(model name, constructor arguments) of a checkpoint's config, in either of fairchem's
+    layouts: ``model: {name: ..., **arguments}`` or ``model: name`` + ``model_attributes``."""
+    model = config.get("model")
+    if isinstance(model, str):
+        return model, dict(config.get("model_attributes") or {})
+    model = dict(model or {})
+    return model.pop("name", None), model
+
+
 def explicit_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, str]:
     """The explicit model's tensors by hydra name, the EMA shadows in place of the trained
     parameters when present and asked for; and which weights were taken."""
@@ -40,8 +53,7 @@ def explicit_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, str]
     ema = checkpoint.get("ema")
     if not use_ema or not ema or not ema.get("shadow_params"):
         return state, "trained weights"
-    model_config = dict((checkpoint.get("config") or {}).get("model") or {})
-    name = model_config.pop("name", None)
+    name, model_config = model_of(checkpoint.get("config") or {})
     if name is None:
         raise MappingError("the explicit checkpoint's config names no model: cannot place its EMA weights "
                            "(pass use_ema=False / --no-ema to use the trained weights)")
@@ -71,6 +83,9 @@ def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) 
         match = BLOCK.match(key)
         source = f"backbone.blocks.{blocks[int(match.group(1))]}.{match.group(2)}" if match else key
         if source not in explicit:
+            if not key.startswith("backbone.deq_"):
+                raise MappingError(f"{key}: the explicit checkpoint has no {source} (its heads must be EquiformerV2's "
+                                   "energy and force heads: energy_block / force_block)")
             state[key] = value
             rows.append((key, None))
             continue
