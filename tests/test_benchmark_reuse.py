@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, load_script
 
 
 def explicit_checkpoint(deq_checkpoint, path, layers: int = 2):
@@ -29,14 +31,15 @@ def explicit_checkpoint(deq_checkpoint, path, layers: int = 2):
     return path
 
 
-def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_root, tmp_path):
+def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_root, tmp_path, capsys):
     work, _, _, checkpoint = trained_deq
     explicit = explicit_checkpoint(checkpoint, tmp_path / "explicit.pt")
     script = [sys.executable, str(REPO / "scripts" / "benchmark_reuse.py")]
-    # each checkpoint must hold the model its flag names
-    wrong = subprocess.run([*script, "--checkpoint", str(checkpoint), "--explicit-checkpoint", str(checkpoint)],
-                           capture_output=True, text=True, timeout=300, cwd=work)
-    assert wrong.returncode == 2 and "holds a 'deq_equiformer_v2' model; expected one of ('equiformer_v2'" in wrong.stderr
+    # each checkpoint must hold the model its flag names (checked first: in this process)
+    with pytest.raises(SystemExit) as wrong:
+        load_script("benchmark_reuse").main(["--checkpoint", str(checkpoint), "--explicit-checkpoint", str(checkpoint)])
+    assert wrong.value.code == 2
+    assert "holds a 'deq_equiformer_v2' model; expected one of ('equiformer_v2'" in capsys.readouterr().err
     proc = subprocess.run(
         [*script, "--checkpoint", str(checkpoint),
          "--explicit-checkpoint", str(explicit), "--data", str(toy_root), "--relax-systems", "2",

@@ -72,19 +72,6 @@ def test_finetune_from_starts_at_step_zero_with_the_loaded_weights_and_ema(train
     assert moved > 1e-3  # the source's EMA differs from its weights: the check can fail
 
 
-def test_finetune_from_a_weights_only_file_keeps_an_ema(trained_deq, tmp_path):
-    """best_checkpoint.pt has no EMA: fairchem alone would switch EMA off; it restarts from the weights."""
-    work, config, _, source_path = trained_deq
-    best = source_path.with_name("best_checkpoint.pt")
-    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path, "--identifier", "ftb",
-                   f"task.finetune_from={best}", "optim.max_epochs=1", f"optim.lr_initial={LR}", cwd=work)
-    assert "weights, EMA from the weights," in proc.stdout + proc.stderr
-    _, tuned = checkpoint_of(tmp_path)
-    weights = [tuned["state_dict"][name] for name in parameter_names(tuned)]
-    for shadow, w in zip(tuned["ema"]["shadow_params"], weights, strict=True):
-        torch.testing.assert_close(shadow, w, atol=1e-6, rtol=0)
-
-
 def test_finetune_from_names_a_missing_or_unsafe_file(trained_deq, tmp_path, capsys):
     """Checked before fairchem starts (in this process: main.py calls the same main)."""
     from ocp_deq.cli import main
@@ -139,10 +126,17 @@ def test_deq_started_from_explicit_weights_trains(explicit_run, toy_root, tmp_pa
     for key, value in expected.items():
         assert torch.equal(deq["state_dict"][key], value), key
     assert deq["normalizers"].keys() == explicit["normalizers"].keys()
+    # the start holds weights only: fairchem alone would switch EMA off; it restarts from the weights
     proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "run",
-                   "--identifier", "d", f"task.finetune_from={start}", cwd=tmp_path)
+                   "--identifier", "d", f"task.finetune_from={start}", f"optim.lr_initial={LR}", cwd=tmp_path)
     assert f"ocp_deq: fine-tuning from {start}: weights, EMA from the weights" in proc.stdout + proc.stderr
     assert "forces_mae" in proc.stdout + proc.stderr
+    _, tuned = checkpoint_of(tmp_path / "run")
+    weights = [tuned["state_dict"][name] for name in parameter_names(tuned)]
+    for shadow, w in zip(tuned["ema"]["shadow_params"], weights, strict=True):
+        torch.testing.assert_close(shadow, w, atol=1e-6, rtol=0)
+    for key, value in deq["state_dict"].items():  # and the run started from the mapped weights
+        torch.testing.assert_close(tuned["state_dict"][key], value, atol=1e-6, rtol=0)
     # the same explicit model in fairchem's other layouts: its published one (model name +
     # model_attributes) gives the same start; its hydra conversion (which drops the EMA) the trained weights
     from fairchem.core.models.equiformer_v2.eqv2_to_eqv2_hydra import convert_checkpoint_and_config_to_hydra
