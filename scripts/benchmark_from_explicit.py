@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_race import DATASETS, REPO, baselines, resolved_config, train  # noqa: E402
+from benchmark_race import DATASETS, REPO, baselines, resolved_config, train, validation_curves  # noqa: E402
 
 from ocp_deq.cli import prepare_data  # noqa: E402
 
@@ -58,15 +58,9 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, base, unit) in zip(axes, (("forces_mae", "zero_forces_mae", "eV/A"),
                                             ("energy_mae", "mean_energy_mae", "eV"))):
-        for name, run in {"explicit 4 blocks (the source)": result["explicit"], **result["runs"]}.items():
-            vals = run["validations"]
-            ax.plot([v["step"] for v in vals], [v[key] for v in vals], marker="o", ms=3, label=name)
-        ax.axhline(result["baselines"][base], color="grey", ls="--", lw=1, label="learnt nothing")
-        ax.set_title(f"toy S2EF: validation {key.replace('_', ' ')}")
-        ax.set_xlabel("training steps")
-        ax.set_ylabel(unit)
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        runs = {"explicit 4 blocks (the source)": result["explicit"], **result["runs"]}
+        validation_curves(ax, runs, key, result["baselines"][base], "step",
+                          f"toy S2EF: validation {key.replace('_', ' ')}", "training steps", unit)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -143,20 +143,26 @@ def plot(result: dict, path: Path) -> None:
         for row, (key, base, unit) in enumerate((("forces_mae", "zero_forces_mae", "eV/A"),
                                                  ("energy_mae", "mean_energy_mae", "eV"))):
             ax = axes[row][col]
-            for name, run in part["models"].items():
-                vals = run["validations"]
-                ax.plot([v["train_seconds"] for v in vals], [v[key] for v in vals], marker="o", ms=3, label=name)
-            ax.axhline(part["baselines"][base], color="grey", ls="--", lw=1, label="learnt nothing")
             if key == "energy_mae" and "composition_energy_mae" in part["baselines"]:
                 ax.axhline(part["baselines"]["composition_energy_mae"], color="grey", ls=":", lw=1,
                            label="energy linear in element counts")
-            ax.set_title(f"toy {dataset}: validation {key.replace('_', ' ')}")
-            ax.set_xlabel("training time (s)")
-            ax.set_ylabel(unit)
-            ax.set_yscale("log")
-            ax.legend(fontsize=7)
+            validation_curves(ax, part["models"], key, part["baselines"][base], "train_seconds",
+                              f"toy {dataset}: validation {key.replace('_', ' ')}", "training time (s)", unit)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def validation_curves(ax, runs: dict, key: str, baseline: float, x: str, title: str, xlabel: str, unit: str) -> None:
+    """One curve per run (validation ``key`` against ``x``), the learnt-nothing line, log scale."""
+    for name, run in runs.items():
+        vals = run["validations"]
+        ax.plot([v[x] for v in vals], [v[key] for v in vals], marker="o", ms=3, label=name)
+    ax.axhline(baseline, color="grey", ls="--", lw=1, label="learnt nothing")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(unit)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
 
 
 def main(argv=None):

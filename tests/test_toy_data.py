@@ -84,12 +84,25 @@ def test_reproducible_and_not_regenerated(tmp_path, toy_root):
     assert (again / "val" / "data.lmdb").stat().st_mtime_ns == stamp
 
 
-def test_crafted_lmdb_value_is_refused_and_never_runs(tmp_path):
+def _open_payload(marker):
+    return open, (str(marker), "w")
+
+
+def _pyg_makedirs_payload(marker):
+    """Only PyG's Data classes are admitted, not every name under torch_geometric.data: its
+    makedirs (or download_url, extract_zip) would run with the pickle's arguments."""
+    from torch_geometric.data import makedirs
+
+    return makedirs, (str(marker),)
+
+
+@pytest.mark.parametrize("payload,refused", [(_open_payload, "io.open"),
+                                             (_pyg_makedirs_payload, "torch_geometric.data.makedirs.makedirs")])
+def test_crafted_lmdb_value_is_refused_and_never_runs(tmp_path, payload, refused):
     """read_lmdb (also behind the local evaluator) unpickles only what a PyG Data frame holds."""
     import pickle
 
     import lmdb
-    import pytest
 
     from ocp_deq.data import read_lmdb
     from ocp_deq.data.lmdb_io import UnsafeFrameError
@@ -98,44 +111,16 @@ def test_crafted_lmdb_value_is_refused_and_never_runs(tmp_path):
 
     class Payload:
         def __reduce__(self):
-            return (open, (str(marker), "w"))
+            return payload(marker)
 
     env = lmdb.open(str(tmp_path / "data.lmdb"), subdir=False, map_size=1 << 20)
     with env.begin(write=True) as txn:
         txn.put(b"0", pickle.dumps(Payload()))
         txn.put(b"length", pickle.dumps(1))
     env.close()
-    with pytest.raises(UnsafeFrameError, match=r"data.lmdb key '0': refusing to unpickle io.open"):
+    with pytest.raises(UnsafeFrameError, match=rf"data.lmdb key '0': refusing to unpickle {refused}"):
         read_lmdb(tmp_path / "data.lmdb")
     assert not marker.exists()
-
-
-def test_lmdb_value_calling_a_pyg_function_is_refused(tmp_path):
-    """Only PyG's Data classes are admitted, not every name under torch_geometric.data: its
-    makedirs (or download_url, extract_zip) would run with the pickle's arguments."""
-    import pickle
-
-    import lmdb
-    import pytest
-    from torch_geometric.data import makedirs as pyg_makedirs
-
-    from ocp_deq.data import read_lmdb
-    from ocp_deq.data.lmdb_io import UnsafeFrameError
-
-    target = tmp_path / "made_by_payload"
-
-    class Payload:
-        def __reduce__(self):
-            return (pyg_makedirs, (str(target),))
-
-    env = lmdb.open(str(tmp_path / "data.lmdb"), subdir=False, map_size=1 << 20)
-    with env.begin(write=True) as txn:
-        txn.put(b"0", pickle.dumps(Payload()))
-        txn.put(b"length", pickle.dumps(1))
-    env.close()
-    with pytest.raises(UnsafeFrameError, match=r"refusing to unpickle torch_geometric.data.makedirs.makedirs"):
-        read_lmdb(tmp_path / "data.lmdb")
-    assert not target.exists()
 
 
 def test_interrupted_regeneration_keeps_the_previous_data(tmp_path, monkeypatch):
