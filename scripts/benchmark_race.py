@@ -111,7 +111,9 @@ def markdown(result: dict) -> str:
         base = part["baselines"]
         lines += [f"**{dataset}** (baselines on the same validation frames: zero forces "
                   f"{base['zero_forces_mae']:.4f} eV/A, training-mean energy {base['mean_energy_mae']:.4f} eV, "
-                  f"energy linear in the element counts {base['composition_energy_mae']:.4f} eV)", "",
+                  f"energy linear in the element counts {base['composition_energy_mae']:.4f} eV)"
+                  + (f"; carried over from an earlier run (`{part['command']}`)"
+                     if part.get("command", result["command"]) != result["command"] else ""), "",
                   "| model | steps | s / step | val force MAE | / zero-force baseline | val energy MAE "
                   "| / mean-energy baseline | best val force MAE | train solver evals | train unconverged "
                   "| val solver evals | val unconverged | contraction |",
@@ -178,6 +180,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="trainings side by side, each with cpu_count/jobs threads (recipe studies; "
                              "the race itself runs one at a time)")
+    parser.add_argument("--keep", default="", metavar="DATASETS",
+                        help="comma-separated datasets not rerun: carried over from the existing --out .json "
+                             "with the command that measured them (when only another dataset changed)")
     parser.add_argument("--work-dir", default="runs/race", help="where the runs write checkpoints and logs")
     parser.add_argument("--out", default="docs/benchmarks/race", help="output prefix (.json, .md, .png)")
     args = parser.parse_args(argv)
@@ -197,10 +202,20 @@ def main(argv=None):
     work = Path(args.work_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     threads = max((os.cpu_count() or 1) // args.jobs, 1) if args.jobs > 1 else None
     result["jobs"] = args.jobs
+    keep = [name for name in args.keep.split(",") if name]
+    if keep:
+        previous_file = Path(args.out).with_suffix(".json")
+        previous = json.loads(previous_file.read_text()) if previous_file.exists() else {"datasets": {}}
+        for dataset in keep:
+            if dataset not in previous["datasets"]:
+                parser.error(f"--keep {dataset}: no '{dataset}' results in {previous_file}")
+            result["datasets"][dataset] = {"command": previous["command"], **previous["datasets"][dataset]}
     for dataset in args.datasets.split(","):
+        if dataset in keep:
+            continue
         if dataset not in DATASETS:
             parser.error(f"unknown dataset {dataset!r}; choose from {list(DATASETS)}")
-        part = result["datasets"][dataset] = {"models": {}}
+        part = result["datasets"][dataset] = {"command": result["command"], "models": {}}
 
         def run_one(index, name, kind, overrides):
             config_path = DATASETS[dataset][0 if kind == "deq" else 1]

@@ -54,3 +54,11 @@ def test_race_trains_each_model_for_the_budget_and_records_validations(toy_root,
     assert result["jobs"] == 2
     table = out.with_suffix(".md").read_text()
     assert "| DEQ-warm |" in table and "| explicit-1 |" in table and out.with_suffix(".png").stat().st_size > 10000
+    # --keep: a dataset not rerun is carried over whole, naming the command that measured it
+    from conftest import load_script
+
+    load_script("benchmark_race").main(["--keep", "s2ef", "--datasets", "s2ef", "--out", str(out)])
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["datasets"]["s2ef"]["models"] == part["models"]
+    assert again["datasets"]["s2ef"]["command"] == result["command"] != again["command"]
+    assert "carried over from an earlier run" in out.with_suffix(".md").read_text()

@@ -43,12 +43,13 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     proc = subprocess.run(
         [*script, "--checkpoint", str(checkpoint),
          "--explicit-checkpoint", str(explicit), "--data", str(toy_root), "--relax-systems", "2",
-         "--relax-steps", "4", "--md-steps", "12", "--out", str(tmp_path)],
+         "--relax-steps", "4", "--md-steps", "12", "--warm-tol", "0.05", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=work,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "reuse.json").read_text())
-    assert set(result["md"]) == set(result["relaxations"]) == {"cold", "reuse", "extrapolate", "explicit"}
+    assert set(result["md"]) == set(result["relaxations"]) == {"cold", "reuse", "extrapolate", "reuse, warm tol 0.05",
+                                                                   "reuse, 1 evaluation (cost floor)", "explicit"}
     md = result["md"]
     assert md["reuse"]["mean_nstep_first"] == md["cold"]["mean_nstep_first"]  # the first call is cold
     assert md["reuse"]["mean_nstep_per_step"] < md["cold"]["mean_nstep_per_step"]
@@ -59,6 +60,11 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     assert result["checkpoints"]["explicit"] == {"path": str(explicit), "model": "equiformer_v2", "num_layers": 2}
     diff = result["reuse_vs_cold"]
     assert diff["frames"] == 2 and diff["mean_relative_force"] < 0.25  # same model, solves to the same tolerance
+    assert diff["warm_tol"] == 0.01 and result["reuse_vs_cold_warm_tol"]["warm_tol"] == 0.05
+    assert md["reuse, 1 evaluation (cost floor)"]["mean_nstep_per_step"] == 1.0
+    assert md["reuse, warm tol 0.05"]["mean_nstep_first"] == md["cold"]["mean_nstep_first"]  # cold first call
     table = (tmp_path / "reuse.md").read_text()
+    assert "| DEQ reuse |" in table and "DEQ reuse, warm tol 0.05 step / explicit step" in table
+    assert "Reuse (warm tol 0.05) vs cold" in table and "Reuse (warm tol 0.01) vs cold" in table
     assert "| DEQ reuse |" in table and "| explicit EquiformerV2 (2 blocks) | - | - |" in table
     assert (tmp_path / "reuse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ from fairchem.core.datasets import LmdbDataset
 
 from conftest import SMALL_SPEC
 from ocp_deq.data import read_lmdb
-from ocp_deq.data.toy_s2ef import ensure_toy_data, generate_toy_data
+from ocp_deq.data.toy_s2ef import ToySpec, ensure_toy_data, generate_toy_data
 
 FRAMES_PER_SYSTEM = SMALL_SPEC.relax_frames + SMALL_SPEC.md_frames
 
@@ -75,12 +75,18 @@ def test_labels_are_emt_energies_and_forces(toy_root):
 
 
 def test_reproducible_and_not_regenerated(tmp_path, toy_root):
-    again = generate_toy_data(tmp_path / "again", SMALL_SPEC)
-    a, b = read_lmdb(toy_root / "val"), read_lmdb(again / "val")
-    assert [f.energy for f in a] == [f.energy for f in b]
-    assert all(torch.equal(x.pos, y.pos) for x, y in zip(a, b))
+    """The same seed gives the same systems; one more training system changes no other split
+    (each split has its own random stream), so resizing train keeps val comparable."""
+    bigger = ToySpec(**{**SMALL_SPEC.__dict__, "systems": {**SMALL_SPEC.systems, "train": SMALL_SPEC.systems["train"] + 1}})
+    again = generate_toy_data(tmp_path / "again", bigger)
+    for split in ("train", "val", "relax"):
+        a, b = read_lmdb(toy_root / split), read_lmdb(again / split)
+        assert len(b) == len(a) + (FRAMES_PER_SYSTEM if split == "train" else 0)
+        assert all(torch.equal(x.pos, y.pos) for x, y in zip(a, b)), split
+        if split != "relax":
+            assert [f.energy for f in a] == [f.energy for f in b[: len(a)]]
     stamp = (again / "val" / "data.lmdb").stat().st_mtime_ns
-    ensure_toy_data(again, SMALL_SPEC)  # same spec: nothing rewritten
+    ensure_toy_data(again, bigger)  # same spec: nothing rewritten
     assert (again / "val" / "data.lmdb").stat().st_mtime_ns == stamp
 
 

@@ -41,6 +41,7 @@ class ToySpec:
     """What to generate; stored next to the data so a rerun can tell if it matches."""
 
     seed: int = 0
+    version: int = 2  # generator version: 2 draws each split from its own random stream
     slab_size: tuple = (2, 2, 3)
     fixed_layers: int = 2
     systems: dict = None  # split -> number of systems (trajectories)
@@ -53,7 +54,12 @@ class ToySpec:
     def __post_init__(self):
         self.slab_size = tuple(self.slab_size)
         if self.systems is None:
-            self.systems = {"train": 96, "val": 12, "test": 6}
+            self.systems = {"train": 384, "val": 12, "test": 6}
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    """One random stream per split: resizing one split leaves the others' systems unchanged."""
+    return np.random.default_rng([seed, (*SPLITS, "relax").index(split)])
 
 
 def _reference_energies() -> dict:
@@ -137,13 +143,13 @@ def generate_toy_data(root: str | Path, spec: ToySpec | None = None) -> Path:
     """Write ``root/{train,val,test}/data.lmdb``, ``root/relax/data.lmdb`` and the spec."""
     spec = spec or ToySpec()
     root = Path(root)
-    rng = np.random.default_rng(spec.seed)
     refs = _reference_energies()
     labelled_a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=False, r_pbc=True, r_edges=False)
     unlabelled_a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_fixed=False, r_pbc=True, r_edges=False)
     with staged_outputs(root, [*SPLITS, "relax", SPEC_FILE]) as stage:  # old data stays whole until done
         sid = 0
         for split in SPLITS:
+            rng = _split_rng(spec.seed, split)
             labelled = split != "test"
             data = []
             for _ in range(spec.systems[split]):
@@ -156,6 +162,7 @@ def generate_toy_data(root: str | Path, spec: ToySpec | None = None) -> Path:
             write_split(stage / split, data)
             logging.info(f"toy S2EF: wrote {len(data)} {split} frames to {root / split}")
         relax = []
+        rng = _split_rng(spec.seed, "relax")
         for _ in range(spec.relax_systems):
             atoms, fixed, e_slab, name = _build_system(rng, spec)
             reference = e_slab + refs[atoms.get_chemical_symbols()[-1]]
