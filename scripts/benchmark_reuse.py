@@ -3,7 +3,12 @@
 On a trained ocp_deq checkpoint, with the ASE calculator: BFGS relaxations of the toy relax
 systems and one Langevin MD run, each with cold starts, plain reuse and extrapolated starts;
 a trained explicit EquiformerV2 checkpoint (same width) runs the same relaxations and MD
-through fairchem's OCPCalculator. Writes reuse.json, reuse.md and reuse.png to --out.
+through fairchem's OCPCalculator. ``--repeats N`` runs every configuration N times, round
+robin, and reports the median step time and the median of the per-repeat ratios to the
+explicit step (steps take tens of ms: one run's ratios move by ~0.1). A last MD pass with
+timers on the model's parts splits a step into blocks (f for the DEQ), heads, the rest of
+the model (graph, encoder, solver) and what happens outside the model (calculator, ASE).
+Writes reuse.json, reuse.md and reuse.png to --out.
 
     python scripts/benchmark_reuse.py --checkpoint runs/checkpoints/<deq>/checkpoint.pt \
         --explicit-checkpoint runs/checkpoints/<explicit>/checkpoint.pt
@@ -33,6 +38,10 @@ from ocp_deq.data import read_lmdb
 
 STRATEGIES = {"cold": None, "reuse": "plain", "extrapolate": "extrapolate"}
 EXPLICIT = "explicit"
+# fairchem's deprecated ``equiformer_v2`` class has no ``direct_forces`` attribute, so its
+# conditional_grad decorator turns autograd on in every forward, although its forces come
+# from the direct head: setting the attribute skips that work, same predictions (checked)
+EXPLICIT_NO_AUTOGRAD = "explicit, no autograd"
 
 
 # warm solves cut at one evaluation whatever their residual: the floor of a DEQ step's cost
@@ -40,24 +49,46 @@ EXPLICIT = "explicit"
 ONE_EVALUATION = "reuse, 1 evaluation (cost floor)"
 
 
+EXPLICITS = (EXPLICIT, EXPLICIT_NO_AUTOGRAD)
+
+
+def same_predictions(checkpoint, system) -> dict:
+    """Max |difference| of energy and forces, explicit model with vs without autograd: the
+    faster baseline must predict the same (else the benchmark stops)."""
+    out = []
+    for start in EXPLICITS:
+        atoms = system.copy()
+        atoms.calc = calculator(checkpoint, start)
+        out.append((atoms.get_potential_energy(), atoms.get_forces()))
+    diff = {"energy_eV": float(abs(out[0][0] - out[1][0])), "forces_eV_per_A": float(np.abs(out[0][1] - out[1][1]).max())}
+    if diff["energy_eV"] > 1e-4 or diff["forces_eV_per_A"] > 1e-4:
+        raise RuntimeError(f"the explicit model without autograd predicts differently: {diff}")
+    return diff
+
+
 def warm_tol_name(tol: float) -> str:
     return f"reuse, warm tol {tol:g}"
 
 
-def slab(frame) -> Atoms:
+def slab(frame, supercell=(1, 1, 1)) -> Atoms:
+    """The frame as ASE Atoms with its fixed atoms, repeated ``supercell`` times along its
+    cell vectors (e.g. 2,2,1 for OC20-sized slabs of ~50 atoms)."""
     atoms = Atoms(numbers=frame.atomic_numbers.long().numpy(), positions=frame.pos.numpy(),
                   cell=frame.cell[0].numpy(), pbc=True)
     atoms.set_constraint(FixAtoms(mask=frame.fixed.bool().numpy()))
-    return atoms
+    return atoms.repeat(supercell)
 
 
 def calculator(checkpoint: str, start: str | None, warm: dict | None = None):
     """The DEQ calculator with the given start strategy (``warm``: changes to the cold
     solver for the warm solves, e.g. its tolerance; ``max_iter`` there also turns the
     fallback to a cold-tolerance solve off); ``start=EXPLICIT``: fairchem's OCPCalculator
-    for an explicit-model checkpoint."""
-    if start == EXPLICIT:
-        return OCPCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
+    for an explicit-model checkpoint (``EXPLICIT_NO_AUTOGRAD``: without the autograd graph)."""
+    if start in (EXPLICIT, EXPLICIT_NO_AUTOGRAD):
+        calc = OCPCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
+        if start == EXPLICIT_NO_AUTOGRAD:
+            calc.trainer._unwrapped_model.direct_forces = True
+        return calc
     calc = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, reuse=start is not None)
     if start is not None:
         settings = calc.model.backbone.deq_settings
@@ -85,11 +116,11 @@ def follow(dynamics, atoms, calc, steps: int, **run_kwargs) -> dict:
     return {"nstep": nstep, "time": times[1:], "positions": positions}
 
 
-def run_relaxations(checkpoint, frames, start, steps, fmax, warm=None):
+def run_relaxations(checkpoint, systems, start, steps, fmax, warm=None):
     calc = calculator(checkpoint, start, warm)
     runs = []
-    for frame in tqdm(frames, desc=f"relaxations ({start or 'cold'})"):
-        atoms = slab(frame)
+    for system in tqdm(systems, desc=f"relaxations ({start or 'cold'})"):
+        atoms = system.copy()
         atoms.calc = calc
         if isinstance(calc, DEQCalculator):
             calc.reset_fixed_point()  # another system: never start from the last one's state
@@ -97,9 +128,11 @@ def run_relaxations(checkpoint, frames, start, steps, fmax, warm=None):
     return runs
 
 
-def run_md(checkpoint, frame, start, steps, temperature, warm=None):
-    calc = calculator(checkpoint, start, warm)
-    atoms = slab(frame)
+def run_md(checkpoint, system, start, steps, temperature, warm=None, calc=None):
+    calc = calc or calculator(checkpoint, start, warm)
+    if isinstance(calc, DEQCalculator):
+        calc.reset_fixed_point()
+    atoms = system.copy()
     atoms.calc = calc
     rng = np.random.default_rng(0)
     dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature, friction=0.02, rng=rng)
@@ -108,15 +141,20 @@ def run_md(checkpoint, frame, start, steps, temperature, warm=None):
         return follow(dyn, atoms, calc, steps)
 
 
-def summary(runs: list[dict]) -> dict:
+def summary(repeats: list[list[dict]]) -> dict:
     """Solver evaluations on the first (cold) call and per later step; wall time per step
-    (the first call, which builds the model's caches, excluded) and per run."""
-    times = [t for run in runs for t in run["time"]]
+    (the first call, which builds the model's caches, excluded) and per run: the median over
+    the repeats (each a list of runs), with every repeat's step time kept."""
+    runs = [run for repeat in repeats for run in repeat]
+    step = [float(np.mean([t for run in repeat for t in run["time"]])) for repeat in repeats]
+    per_run = [float(np.sum([t for run in repeat for t in run["time"]]) / len(repeat)) for repeat in repeats]
     result = {
-        "runs": len(runs),
-        "steps": sum(len(run["nstep"]) for run in runs),
-        "wall_time_per_step_s": float(np.mean(times)),
-        "wall_time_per_run_s": float(np.sum(times) / len(runs)),
+        "runs": len(repeats[0]),
+        "repeats": len(repeats),
+        "steps": sum(len(run["nstep"]) for run in repeats[0]),
+        "wall_time_per_step_s": float(np.median(step)),
+        "wall_time_per_run_s": float(np.median(per_run)),
+        "wall_time_per_step_s_each_repeat": step,
     }
     if runs[0]["nstep"][0] is not None:
         result["mean_nstep_first"] = float(np.mean([run["nstep"][0] for run in runs]))
@@ -127,19 +165,19 @@ def summary(runs: list[dict]) -> dict:
 FORCE_AGREEMENT = 0.02  # warm and cold forces of the same structure should agree to this fraction
 
 
-def reuse_vs_cold(checkpoint, frame, steps, temperature, every, warm_tol=None) -> dict:
+def reuse_vs_cold(checkpoint, system, steps, temperature, every, warm_tol=None) -> dict:
     """Energies and forces of a warm-started MD run vs cold solves at the same positions
     (every ``every`` steps): max |dE|, max |dF|, the mean relative force difference against
     FORCE_AGREEMENT, and the contraction of f at the cold fixed points."""
     calc = calculator(checkpoint, "plain", None if warm_tol is None else {"tol": warm_tol})
-    atoms = slab(frame)
+    atoms = system.copy()
     atoms.calc = calc
     dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature, friction=0.02, rng=np.random.default_rng(1))
     warm = []
     dyn.attach(lambda: warm.append((atoms.get_positions().copy(), atoms.get_potential_energy(),
                                     atoms.get_forces().copy())), interval=every)
     dyn.run(steps)
-    cold_atoms = slab(frame)
+    cold_atoms = system.copy()
     cold_atoms.calc = cold = calculator(checkpoint, None)
     cold.model.backbone.estimate_contraction = True
     energy, force, relative, contraction = [], [], [], []
@@ -158,6 +196,45 @@ def reuse_vs_cold(checkpoint, frame, steps, temperature, every, warm_tol=None) -
             "max_relative_force": float(np.max(relative)), "stated_agreement": FORCE_AGREEMENT,
             "within_stated_agreement": bool(np.mean(relative) <= FORCE_AGREEMENT),
             "mean_contraction": float(np.mean(contraction))}
+
+
+def model_parts(calc) -> dict[str, list[torch.nn.Module]]:
+    """The modules whose time the breakdown reports: the transformer blocks (each f
+    evaluation of the DEQ runs its one block), the force and the energy head."""
+    model = calc.trainer._unwrapped_model
+    if isinstance(calc, DEQCalculator):
+        return {"blocks": list(model.backbone.blocks), "force head": [model.output_heads["forces"]],
+                "energy head": [model.output_heads["energy"]]}
+    return {"blocks": list(model.blocks), "force head": [model.force_block], "energy head": [model.energy_block]}
+
+
+def breakdown(checkpoint, system, start, steps, temperature, warm=None) -> dict:
+    """Milliseconds per MD step in each part of the step: ``model_parts``, the rest of the
+    model's forward (graph, encoder, the solver's own work), and outside the model (ASE,
+    the calculator's conversion, fairchem's predict loop). Timers on module hooks: a
+    separate pass, so they do not touch the timings above."""
+    calc = calculator(checkpoint, start, warm)
+    spent, started = {}, {}
+
+    def timed(name, module):
+        module.register_forward_pre_hook(lambda *_: started.__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(lambda *_: spent.__setitem__(name, spent.get(name, 0.0)
+                                                                   + time.perf_counter() - started[name]))
+
+    for name, modules in model_parts(calc).items():
+        for module in modules:
+            timed(name, module)
+    timed("model", calc.trainer._unwrapped_model)
+    run_md(checkpoint, system, start, steps, temperature, warm, calc=calc)  # builds the caches
+    spent.clear()
+    total = time.perf_counter()
+    calls = len(run_md(checkpoint, system, start, steps, temperature, warm, calc=calc)["nstep"])
+    total = 1e3 * (time.perf_counter() - total) / calls
+    model = 1e3 * spent["model"] / calls
+    parts = {name: 1e3 * spent.get(name, 0.0) / calls for name in model_parts(calc)}
+    parts["rest of the model (graph, encoder, solver)"] = model - sum(parts.values())
+    parts["outside the model (ASE, calculator)"] = total - model
+    return {"ms_per_step": parts, "total_ms_per_step": total}
 
 
 DEQ_MODELS = ("deq_equiformer_v2",)
@@ -190,34 +267,59 @@ def main(argv=None):
     parser.add_argument("--warm-tol", type=float,
                         help="also run plain reuse with this tolerance for the warm solves (the trade: fewer "
                              "evaluations against warm/cold agreement, both reported)")
+    parser.add_argument("--supercell", default="1,1,1", metavar="A,B,C",
+                        help="repeat every slab this many times along its cell vectors (atoms x A*B*C)")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats of every configuration")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args(argv)
+    try:
+        supercell = tuple(int(n) for n in args.supercell.split(","))
+        assert len(supercell) == 3 and min(supercell) >= 1
+    except (ValueError, AssertionError):
+        parser.error(f"--supercell needs three whole numbers >= 1 like 2,2,1, got {args.supercell!r}")
 
     checkpoints = {"deq": checkpoint_model(args.checkpoint, DEQ_MODELS, parser)}
     if args.explicit_checkpoint:
         checkpoints["explicit"] = checkpoint_model(args.explicit_checkpoint, EXPLICIT_MODELS, parser)
-    frames = read_lmdb(Path(args.data) / "relax")[: args.relax_systems]
+    systems = [slab(frame, supercell) for frame in read_lmdb(Path(args.data) / "relax")[: args.relax_systems]]
     result = {"checkpoint": str(args.checkpoint), "checkpoints": checkpoints, "relaxations": {}, "md": {},
-              "threads": torch.get_num_threads()}
-    md_runs = {}
+              "threads": torch.get_num_threads(), "supercell": list(supercell),
+              "atoms": [len(atoms) for atoms in systems]}
     runs = {name: (start, None) for name, start in STRATEGIES.items()}
     if args.warm_tol is not None:
         runs[warm_tol_name(args.warm_tol)] = ("plain", {"tol": args.warm_tol})
     runs[ONE_EVALUATION] = ("plain", {"max_iter": 1})
     if args.explicit_checkpoint:
         runs[EXPLICIT] = (EXPLICIT, None)
-    for name, (start, warm) in runs.items():
-        checkpoint = args.explicit_checkpoint if start == EXPLICIT else args.checkpoint
-        result["relaxations"][name] = summary(run_relaxations(checkpoint, frames, start, args.relax_steps, args.fmax, warm))
-        md_runs[name] = run_md(checkpoint, frames[0], start, args.md_steps, args.temperature, warm)
-        result["md"][name] = summary([md_runs[name]])
-        print(name, result["relaxations"][name], result["md"][name], flush=True)
+        runs[EXPLICIT_NO_AUTOGRAD] = (EXPLICIT_NO_AUTOGRAD, None)
+        result["explicit_no_autograd_max_abs_diff"] = same_predictions(args.explicit_checkpoint, systems[0])
+    relaxations, md_runs = {name: [] for name in runs}, {name: [] for name in runs}
+    for repeat in range(args.repeats):  # round robin: a slow spell of the machine hits every configuration
+        for name, (start, warm) in runs.items():
+            checkpoint = args.explicit_checkpoint if start in EXPLICITS else args.checkpoint
+            relaxations[name].append(run_relaxations(checkpoint, systems, start, args.relax_steps, args.fmax, warm))
+            md_runs[name].append([run_md(checkpoint, systems[0], start, args.md_steps, args.temperature, warm)])
+            print(f"repeat {repeat + 1}/{args.repeats}", name, summary(relaxations[name][-1:]),
+                  summary(md_runs[name][-1:]), flush=True)
+    for name in runs:
+        result["relaxations"][name], result["md"][name] = summary(relaxations[name]), summary(md_runs[name])
+    if args.explicit_checkpoint:
+        for key, baseline in (("step_ratio_to_explicit", EXPLICIT),
+                              ("step_ratio_to_explicit_no_autograd", EXPLICIT_NO_AUTOGRAD)):
+            result[key] = {
+                name: {part: float(np.median(np.array(result[part][name]["wall_time_per_step_s_each_repeat"])
+                                             / np.array(result[part][baseline]["wall_time_per_step_s_each_repeat"])))
+                       for part in ("relaxations", "md")} for name in runs if name not in EXPLICITS}
+    result["breakdown_md"] = {
+        name: breakdown(args.explicit_checkpoint if start in EXPLICITS else args.checkpoint, systems[0], start,
+                        min(args.md_steps, 100), args.temperature, warm)
+        for name, (start, warm) in runs.items() if name in ("cold", ONE_EVALUATION, *EXPLICITS)}
     agreement = [None] + ([args.warm_tol] if args.warm_tol is not None else [])
-    result["reuse_vs_cold"], *loose = [reuse_vs_cold(args.checkpoint, frames[0], min(args.md_steps, 100),
+    result["reuse_vs_cold"], *loose = [reuse_vs_cold(args.checkpoint, systems[0], min(args.md_steps, 100),
                                                      args.temperature, 10, tol) for tol in agreement]
     if loose:
         result["reuse_vs_cold_warm_tol"] = loose[0]
-    result["md_nstep_trace"] = {name: md_runs[name]["nstep"] for name in runs if name != EXPLICIT}
+    result["md_nstep_trace"] = {name: md_runs[name][0][0]["nstep"] for name in runs if name not in EXPLICITS}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,8 +344,9 @@ def markdown(result: dict) -> str:
         return f"{n:.2f}", f"{n / part['cold']['mean_nstep_per_step']:.2f}"
 
     for name in relax:
-        if name == EXPLICIT:
+        if name in EXPLICITS:
             label = f"explicit EquiformerV2 ({result['checkpoints']['explicit']['num_layers']} blocks)"
+            label += ", no autograd" if name == EXPLICIT_NO_AUTOGRAD else ""
         else:
             label = f"DEQ {name}"
         r, m = relax[name], md[name]
@@ -259,11 +362,21 @@ def markdown(result: dict) -> str:
                   f"mean relative force difference {diff['mean_relative_force']:.4f} (max {diff['max_relative_force']:.4f}; "
                   f"stated agreement {diff['stated_agreement']:.0%}: {'met' if diff['within_stated_agreement'] else 'NOT met'}); "
                   f"contraction of f at the cold fixed points {diff['mean_contraction']:.2f}."]
-    if EXPLICIT in relax:
-        for name in relax:
-            if name not in (EXPLICIT, "cold", "extrapolate"):
-                ratio = [part[name]["wall_time_per_step_s"] / part[EXPLICIT]["wall_time_per_step_s"] for part in (relax, md)]
-                lines += ["", f"DEQ {name} step / explicit step: {ratio[0]:.2f} (relaxations), {ratio[1]:.2f} (MD)."]
+    repeats = relax[next(iter(relax))].get("repeats", 1)
+    for key, baseline in (("step_ratio_to_explicit", "explicit step"),
+                          ("step_ratio_to_explicit_no_autograd", "explicit step without autograd")):
+        for name, ratio in result.get(key, {}).items():
+            if name not in ("cold", "extrapolate"):
+                lines += ["", f"DEQ {name} step / {baseline}: {ratio['relaxations']:.2f} (relaxations), "
+                          f"{ratio['md']:.2f} (MD); median of {repeats} round-robin repeats."]
+    if "breakdown_md" in result:
+        names = list(result["breakdown_md"])
+        parts = list(result["breakdown_md"][names[0]]["ms_per_step"])
+        lines += ["", "Where an MD step's time goes (ms per step, timers on the model's modules, a separate pass):", "",
+                  "| part | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        lines += [f"| {part} | " + " | ".join(f"{result['breakdown_md'][n]['ms_per_step'][part]:.1f}" for n in names)
+                  + " |" for part in parts]
+        lines.append("| total | " + " | ".join(f"{result['breakdown_md'][n]['total_ms_per_step']:.1f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -43,18 +43,36 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     proc = subprocess.run(
         [*script, "--checkpoint", str(checkpoint),
          "--explicit-checkpoint", str(explicit), "--data", str(toy_root), "--relax-systems", "2",
-         "--relax-steps", "4", "--md-steps", "12", "--warm-tol", "0.05", "--out", str(tmp_path)],
+         "--relax-steps", "4", "--md-steps", "12", "--warm-tol", "0.05", "--repeats", "2", "--supercell", "2,1,1",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=work,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "reuse.json").read_text())
     assert set(result["md"]) == set(result["relaxations"]) == {"cold", "reuse", "extrapolate", "reuse, warm tol 0.05",
-                                                                   "reuse, 1 evaluation (cost floor)", "explicit"}
+                                                                   "reuse, 1 evaluation (cost floor)", "explicit",
+                                                                   "explicit, no autograd"}
     md = result["md"]
     assert md["reuse"]["mean_nstep_first"] == md["cold"]["mean_nstep_first"]  # the first call is cold
     assert md["reuse"]["mean_nstep_per_step"] < md["cold"]["mean_nstep_per_step"]
     assert "mean_nstep_per_step" not in md["explicit"] and md["explicit"]["wall_time_per_step_s"] > 0
     assert result["relaxations"]["cold"]["runs"] == 2 and md["cold"]["steps"] == 13
+    assert result["supercell"] == [2, 1, 1] and result["atoms"] == [2 * 13, 2 * 13]  # toy slabs: 13 atoms
+    for name, part in md.items():  # round robin: every configuration timed in each repeat, the median reported
+        assert part["repeats"] == 2 and len(part["wall_time_per_step_s_each_repeat"]) == 2
+        assert min(part["wall_time_per_step_s_each_repeat"]) <= part["wall_time_per_step_s"] \
+            <= max(part["wall_time_per_step_s_each_repeat"])
+    assert set(result["step_ratio_to_explicit"]) == set(md) - {"explicit", "explicit, no autograd"}
+    assert set(result["step_ratio_to_explicit_no_autograd"]) == set(result["step_ratio_to_explicit"])
+    assert max(result["explicit_no_autograd_max_abs_diff"].values()) <= 1e-4  # same predictions, less work
+    # the breakdown times the blocks: a cold DEQ step runs its one block once per evaluation, the
+    # one-evaluation step once, the 2-block explicit model twice
+    parts = {name: b["ms_per_step"] for name, b in result["breakdown_md"].items()}
+    assert set(parts) == {"cold", "reuse, 1 evaluation (cost floor)", "explicit",
+                                                                   "explicit, no autograd"}
+    assert all(ms > 0 for part in parts.values() for ms in part.values())
+    assert parts["cold"]["blocks"] > 1.5 * parts["reuse, 1 evaluation (cost floor)"]["blocks"]
+    assert parts["explicit"]["blocks"] > 1.5 * parts["reuse, 1 evaluation (cost floor)"]["blocks"]
     assert len(result["md_nstep_trace"]["reuse"]) == 13
     assert result["checkpoints"]["deq"] == {"path": str(checkpoint), "model": "deq_equiformer_v2", "num_layers": 1}
     assert result["checkpoints"]["explicit"] == {"path": str(explicit), "model": "equiformer_v2", "num_layers": 2}
@@ -65,6 +83,8 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     assert md["reuse, warm tol 0.05"]["mean_nstep_first"] == md["cold"]["mean_nstep_first"]  # cold first call
     table = (tmp_path / "reuse.md").read_text()
     assert "| DEQ reuse |" in table and "DEQ reuse, warm tol 0.05 step / explicit step" in table
+    assert "| explicit EquiformerV2 (2 blocks), no autograd | - | - |" in table
+    assert "median of 2 round-robin repeats" in table and "| force head |" in table
     assert "Reuse (warm tol 0.05) vs cold" in table and "Reuse (warm tol 0.01) vs cold" in table
     assert "| DEQ reuse |" in table and "| explicit EquiformerV2 (2 blocks) | - | - |" in table
     assert (tmp_path / "reuse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
