@@ -54,6 +54,14 @@ def test_extrapolated_start_is_linear_in_the_last_two_fixed_points():
     torch.testing.assert_close(cache.start("m", numbers), 2 * z2 - z1)
 
 
+def test_plain_reuse_keeps_one_state_per_system():
+    cache = FixedPointCache(ReuseSettings(start="plain"))
+    numbers = torch.tensor([6, 8])
+    for _ in range(3):
+        cache.store("m", numbers, torch.randn(2, 4, 3))
+    assert len(cache._entries["m"].states) == 1
+
+
 def test_cache_keys_come_from_sid_or_explicit_keys_with_clear_errors():
     from types import SimpleNamespace
 

@@ -20,7 +20,7 @@ from ocp_deq.deq.settings import ReuseSettings, TrainStartSettings
 @dataclass
 class _Entry:
     numbers: torch.Tensor
-    states: list  # last two fixed points [natoms, ...], oldest first
+    states: list  # last fixed points [natoms, ...], oldest first (two for ``extrapolate``)
 
 
 class FixedPointCache:
@@ -87,7 +87,8 @@ class FixedPointCache:
         if entry is None or not torch.equal(entry.numbers, numbers):
             self._entries[key] = _Entry(numbers.detach().clone(), [state])
         else:
-            entry.states = [*entry.states[-1:], state]
+            # plain reuse needs only the last state (on the device: half the memory)
+            entry.states = [*entry.states[-1:], state] if self.settings.start == "extrapolate" else [state]
         self._entries.move_to_end(key)
         while len(self._entries) > int(self.settings.max_systems):
             self._evict()
