@@ -148,3 +148,21 @@ def test_warm_graphs_use_the_reuse_solver_and_fall_back_to_the_eval_solver():
     torch.testing.assert_close(out.z[graph_nodes(2)], solve(alone, alone.zeros(), cold).z)
     torch.testing.assert_close(out.z, exact, rtol=0, atol=1e-6)
     assert out.work.graph_evaluations == int(out.nstep.sum())
+
+
+def test_a_warm_part_holding_every_graph_is_solved_without_copying_the_problem():
+    """All graphs warm (one system along MD): the warm solve and its fallback run on the
+    problem as it is; restricting to every graph would copy all edge features for nothing."""
+    from ocp_deq.deq import DEQSettings
+    from ocp_deq.deq.engine import solve_from_starts
+
+    toy = CoupledToy(NATOMS, RATES)
+    exact = solve(toy, toy.zeros(), settings("fixed_point_iter", tol=1e-13, max_iter=2000)).z
+    restricted_to = []
+    restrict = toy.restrict
+    toy.restrict = lambda graphs: restricted_to.append(graphs.numel()) or restrict(graphs)
+    deq = DEQSettings.from_config({"reuse": {"solver": {"solver": "fixed_point_iter", "tol": 1e-8, "max_iter": 1}}})
+    out = solve_from_starts(toy, exact + 0.3, torch.ones(3, dtype=torch.bool), deq, settings("anderson"))
+    assert out.converged.all() and (out.nstep > 1).all()  # one warm evaluation, then the fallback
+    torch.testing.assert_close(out.z, exact, rtol=0, atol=1e-6)
+    assert len(NATOMS) not in restricted_to  # only the solver's own dropping of converged graphs

@@ -61,17 +61,23 @@ def solve_from_starts(problem: FixedPointProblem, z0: torch.Tensor, warm: torch.
     warm_solver = reuse.solver or solver
     if warm is None or not warm.any() or warm_solver == solver:
         return solve(problem, z0, solver, keep_steps)
-    segments = problem.segments
-    out = Solution.empty(z0, segments.num_graphs, len(keep_steps))
+    out = Solution.empty(z0, problem.segments.num_graphs, len(keep_steps))
     for mask, part_solver in ((warm, warm_solver), (~warm, solver)):
         if mask.any():
-            graphs, nodes = mask.nonzero().flatten(), segments.node_mask(mask)
-            out.put(graphs, nodes, solve(problem.restrict(graphs), z0[nodes], part_solver, keep_steps))
+            _solve_part(problem, mask, z0, part_solver, keep_steps, out)
     retry = warm & ~out.converged
     if reuse.fallback and retry.any():
-        graphs, nodes = retry.nonzero().flatten(), segments.node_mask(retry)
-        out.put(graphs, nodes, solve(problem.restrict(graphs), out.z[nodes], solver, keep_steps), add_steps=True)
+        _solve_part(problem, retry, out.z, solver, keep_steps, out, add_steps=True)
     return out
+
+
+def _solve_part(problem: FixedPointProblem, mask: torch.Tensor, z0: torch.Tensor, solver: SolverSettings,
+                keep_steps, out: Solution, add_steps: bool = False) -> None:
+    """Solve the graphs in ``mask`` from ``z0`` into ``out``; the whole problem as it is
+    when the mask holds every graph (restricting copies every edge feature)."""
+    graphs, nodes = mask.nonzero().flatten(), problem.segments.node_mask(mask)
+    part = problem if mask.all() else problem.restrict(graphs)
+    out.put(graphs, nodes, solve(part, z0[nodes], solver, keep_steps), add_steps=add_steps)
 
 
 def equilibrium(problem: FixedPointProblem, settings: DEQSettings, like: torch.Tensor, *,
