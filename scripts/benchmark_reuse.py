@@ -214,12 +214,15 @@ def breakdown(checkpoint, system, start, steps, temperature, warm=None) -> dict:
     the calculator's conversion, fairchem's predict loop). Timers on module hooks: a
     separate pass, so they do not touch the timings above."""
     calc = calculator(checkpoint, start, warm)
-    spent, started = {}, {}
+    spent, started, counted = {}, {}, {}
 
     def timed(name, module):
+        def done(*_):
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started[name]
+            counted[name] = counted.get(name, 0) + 1
+
         module.register_forward_pre_hook(lambda *_: started.__setitem__(name, time.perf_counter()))
-        module.register_forward_hook(lambda *_: spent.__setitem__(name, spent.get(name, 0.0)
-                                                                   + time.perf_counter() - started[name]))
+        module.register_forward_hook(done)
 
     for name, modules in model_parts(calc).items():
         for module in modules:
@@ -227,6 +230,7 @@ def breakdown(checkpoint, system, start, steps, temperature, warm=None) -> dict:
     timed("model", calc.trainer._unwrapped_model)
     run_md(checkpoint, system, start, steps, temperature, warm, calc=calc)  # builds the caches
     spent.clear()
+    counted.clear()
     total = time.perf_counter()
     calls = len(run_md(checkpoint, system, start, steps, temperature, warm, calc=calc)["nstep"])
     total = 1e3 * (time.perf_counter() - total) / calls
@@ -234,7 +238,8 @@ def breakdown(checkpoint, system, start, steps, temperature, warm=None) -> dict:
     parts = {name: 1e3 * spent.get(name, 0.0) / calls for name in model_parts(calc)}
     parts["rest of the model (graph, encoder, solver)"] = model - sum(parts.values())
     parts["outside the model (ASE, calculator)"] = total - model
-    return {"ms_per_step": parts, "total_ms_per_step": total}
+    return {"ms_per_step": parts, "total_ms_per_step": total,
+            "calls_per_step": {name: counted.get(name, 0) / calls for name in model_parts(calc)}}
 
 
 DEQ_MODELS = ("deq_equiformer_v2",)
