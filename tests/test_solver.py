@@ -166,3 +166,9 @@ def test_a_warm_part_holding_every_graph_is_solved_without_copying_the_problem()
     assert out.converged.all() and (out.nstep > 1).all()  # one warm evaluation, then the fallback
     torch.testing.assert_close(out.z, exact, rtol=0, atol=1e-6)
     assert len(NATOMS) not in restricted_to  # only the solver's own dropping of converged graphs
+    # the reference path: the same two solves on a restricted copy holding every graph
+    everything = restrict(torch.arange(len(NATOMS)))
+    warm_part = solve(everything, exact + 0.3, deq.reuse.solver)
+    reference = solve(everything, warm_part.z, settings("anderson"))
+    torch.testing.assert_close(out.z, reference.z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.nstep, warm_part.nstep + reference.nstep)
