@@ -8,6 +8,7 @@ robin, and reports the median step time and the median of the per-repeat ratios 
 explicit step (steps take tens of ms: one run's ratios move by ~0.1). A last MD pass with
 timers on the model's parts splits a step into blocks (f for the DEQ), heads, the rest of
 the model (graph, encoder, solver) and what happens outside the model (calculator, ASE).
+Every DEQ configuration's relaxation endpoints are judged by cold solves (energy, fmax).
 Writes reuse.json, reuse.md and reuse.png to --out.
 
     python scripts/benchmark_reuse.py --checkpoint runs/checkpoints/<deq>/checkpoint.pt \
@@ -101,7 +102,7 @@ def calculator(checkpoint: str, start: str | None, warm: dict | None = None):
 
 def follow(dynamics, atoms, calc, steps: int, **run_kwargs) -> dict:
     """Run an ASE optimiser / integrator; solver evaluations and wall time of every step."""
-    nstep, times, positions = [], [], []
+    nstep, times, positions, energies = [], [], [], []
     clock = [time.perf_counter()]
 
     def record():
@@ -110,10 +111,11 @@ def follow(dynamics, atoms, calc, steps: int, **run_kwargs) -> dict:
         clock[0] = now
         nstep.append(calc.last_nstep[0] if isinstance(calc, DEQCalculator) else None)
         positions.append(atoms.get_positions().copy())
+        energies.append(float(calc.results["energy"]))
 
     dynamics.attach(record)
     dynamics.run(steps=steps, **run_kwargs)
-    return {"nstep": nstep, "time": times[1:], "positions": positions}
+    return {"nstep": nstep, "time": times[1:], "positions": positions, "energy": energies}
 
 
 def run_relaxations(checkpoint, systems, start, steps, fmax, warm=None):
@@ -160,6 +162,35 @@ def summary(repeats: list[list[dict]]) -> dict:
         result["mean_nstep_first"] = float(np.mean([run["nstep"][0] for run in runs]))
         result["mean_nstep_per_step"] = float(np.mean([n for run in runs for n in run["nstep"][1:]]))
     return result
+
+
+def relaxation_endpoints(checkpoint, systems, relaxations: dict, fmax: float) -> dict:
+    """Where each DEQ configuration's relaxations ended (first repeat), judged by cold
+    solves: energy and max force on the free atoms there. A looser warm solve can stop
+    BFGS where its own forces are below ``fmax`` but the cold ones are not, and any change
+    of solver start can lead BFGS to another minimum."""
+    calc = calculator(checkpoint, None)
+    out = {}
+    for name, repeats in relaxations.items():
+        if name in EXPLICITS:
+            continue
+        energy, force = [], []
+        for system, run in zip(systems, repeats[0]):
+            atoms = system.copy()
+            atoms.set_positions(run["positions"][-1])
+            atoms.calc = calc
+            energy.append(float(atoms.get_potential_energy()))
+            free = np.ones(len(atoms), dtype=bool)
+            for constraint in atoms.constraints:
+                free[constraint.get_indices()] = False
+            force.append(float(np.linalg.norm(atoms.get_forces()[free], axis=1).max()))
+        out[name] = {"steps": [len(run["nstep"]) - 1 for run in repeats[0]], "cold_energy_eV": energy,
+                     "cold_fmax_eV_per_A": force, "own_last_energy_eV": [run["energy"][-1] for run in repeats[0]],
+                     "above_fmax": int(sum(f > fmax for f in force))}
+    for name, ends in out.items():
+        ends["max_abs_energy_vs_cold_run_eV"] = float(np.max(np.abs(np.subtract(ends["cold_energy_eV"],
+                                                                                out["cold"]["cold_energy_eV"]))))
+    return out
 
 
 FORCE_AGREEMENT = 0.02  # warm and cold forces of the same structure should agree to this fraction
@@ -319,6 +350,7 @@ def main(argv=None):
         name: breakdown(args.explicit_checkpoint if start in EXPLICITS else args.checkpoint, systems[0], start,
                         min(args.md_steps, 100), args.temperature, warm)
         for name, (start, warm) in runs.items() if name in ("cold", ONE_EVALUATION, *EXPLICITS)}
+    result["relaxation_endpoints"] = relaxation_endpoints(args.checkpoint, systems, relaxations, args.fmax)
     agreement = [None] + ([args.warm_tol] if args.warm_tol is not None else [])
     result["reuse_vs_cold"], *loose = [reuse_vs_cold(args.checkpoint, systems[0], min(args.md_steps, 100),
                                                      args.temperature, 10, tol) for tol in agreement]
@@ -367,6 +399,13 @@ def markdown(result: dict) -> str:
                   f"mean relative force difference {diff['mean_relative_force']:.4f} (max {diff['max_relative_force']:.4f}; "
                   f"stated agreement {diff['stated_agreement']:.0%}: {'met' if diff['within_stated_agreement'] else 'NOT met'}); "
                   f"contraction of f at the cold fixed points {diff['mean_contraction']:.2f}."]
+    if "relaxation_endpoints" in result:
+        lines += ["", "Relaxation endpoints judged by cold solves (first repeat; fmax on the free atoms):", "",
+                  "| start | BFGS steps per system | max cold fmax (eV/A) | endpoints above fmax | "
+                  "max abs energy vs the cold run's endpoint (eV) |", "| --- | --- | --- | --- | --- |"]
+        for name, ends in result["relaxation_endpoints"].items():
+            lines.append(f"| {name} | {', '.join(map(str, ends['steps']))} | {max(ends['cold_fmax_eV_per_A']):.3f} | "
+                         f"{ends['above_fmax']} of {len(ends['steps'])} | {ends['max_abs_energy_vs_cold_run_eV']:.4f} |")
     repeats = relax[next(iter(relax))].get("repeats", 1)
     for key, baseline in (("step_ratio_to_explicit", "explicit step"),
                           ("step_ratio_to_explicit_no_autograd", "explicit step without autograd")):

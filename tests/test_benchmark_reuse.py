@@ -82,7 +82,16 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     assert diff["warm_tol"] == 0.01 and result["reuse_vs_cold_warm_tol"]["warm_tol"] == 0.05
     assert md["reuse, 1 evaluation (cost floor)"]["mean_nstep_per_step"] == 1.0
     assert md["reuse, warm tol 0.05"]["mean_nstep_first"] == md["cold"]["mean_nstep_first"]  # cold first call
+    # relaxation endpoints re-evaluated cold: the cold run's own last energies come back (the
+    # final positions, not the first), every DEQ configuration is judged
+    ends = result["relaxation_endpoints"]
+    assert set(ends) == set(md) - {"explicit", "explicit, no autograd"}
+    assert all(len(e["steps"]) == 2 and 1 <= min(e["steps"]) and max(e["steps"]) <= 4 for e in ends.values())
+    for own, cold in zip(ends["cold"]["own_last_energy_eV"], ends["cold"]["cold_energy_eV"]):
+        assert abs(own - cold) < 1e-3
+    assert ends["cold"]["max_abs_energy_vs_cold_run_eV"] == 0.0
     table = (tmp_path / "reuse.md").read_text()
+    assert "Relaxation endpoints judged by cold solves" in table
     assert "| DEQ reuse |" in table and "DEQ reuse, warm tol 0.05 step / explicit step" in table
     assert "| explicit EquiformerV2 (2 blocks), no autograd | - | - |" in table
     assert "median of 2 round-robin repeats" in table and "| force head |" in table
