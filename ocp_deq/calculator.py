@@ -21,7 +21,9 @@ class DEQCalculator(OCPCalculator):
     ``reuse``: warm-start every call from the previous fixed point of the same Atoms
     (``system_id`` names it in the cache). A change of atom count or elements resets it.
     After each call, ``last_nstep`` / ``last_residual`` / ``last_converged`` / ``last_warm``
-    describe the solve (function evaluations, relative residual, convergence, warm start);
+    describe the solve (function evaluations, relative residual, convergence, warm start),
+    ``last_refined`` whether a loose warm solve was solved again because its forces came out
+    below ``model.deq.reuse.refine_fmax`` (set it >= the optimiser's fmax);
     with conservative forces ``last_backward_converged`` tells whether the IFT backward solve
     behind the forces converged (None otherwise).
     """
@@ -40,7 +42,7 @@ class DEQCalculator(OCPCalculator):
         self.cache = FixedPointCache(self.model.backbone.deq_settings.reuse) if reuse else None
         self.system_id = system_id
         self._identity = None
-        self.last_nstep = self.last_residual = self.last_converged = self.last_warm = None
+        self.last_nstep = self.last_residual = self.last_converged = self.last_warm = self.last_refined = None
         self.last_backward_converged = None
 
     def _record_solve(self) -> None:
@@ -51,8 +53,10 @@ class DEQCalculator(OCPCalculator):
         self.last_converged = output["deq_converged"].tolist()
         backward = output.get("deq_backward_converged")
         self.last_backward_converged = backward.tolist() if backward is not None else None
-        warm = self.cache.last["warm"].tolist() if self.cache is not None and self.cache.last else None
-        self.last_warm = warm or [False] * len(self.last_nstep)
+        last = self.cache.last if self.cache is not None and self.cache.last else {}
+        unset = [False] * len(self.last_nstep)
+        self.last_warm = last["warm"].tolist() if "warm" in last else unset
+        self.last_refined = last["deq_refined"].tolist() if "deq_refined" in last else unset
 
     def reset_fixed_point(self) -> None:
         """Forget the stored fixed points: the next call starts cold."""

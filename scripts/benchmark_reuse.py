@@ -68,6 +68,8 @@ def same_predictions(checkpoint, system) -> dict:
 
 
 def warm_tol_name(tol: float) -> str:
+    """Loose warm solves, refined to the cold tolerance where forces fall below
+    ``model.deq.reuse.refine_fmax`` (the checkpoint's setting)."""
     return f"reuse, warm tol {tol:g}"
 
 
@@ -95,14 +97,17 @@ def calculator(checkpoint: str, start: str | None, warm: dict | None = None):
         settings = calc.model.backbone.deq_settings
         settings.reuse.start = start
         if warm:
+            floor = "max_iter" in warm  # exactly one evaluation: no fallback, no refinement
             settings.reuse.solver = dataclasses.replace(settings.eval_solver, **warm)
-            settings.reuse.fallback = "max_iter" not in warm
+            settings.reuse.fallback = not floor
+            if floor:
+                settings.reuse.refine_fmax = 0.0
     return calc
 
 
 def follow(dynamics, atoms, calc, steps: int, **run_kwargs) -> dict:
     """Run an ASE optimiser / integrator; solver evaluations and wall time of every step."""
-    nstep, times, positions, energies = [], [], [], []
+    nstep, refined, times, positions, energies = [], [], [], [], []
     clock = [time.perf_counter()]
 
     def record():
@@ -110,12 +115,13 @@ def follow(dynamics, atoms, calc, steps: int, **run_kwargs) -> dict:
         times.append(now - clock[0])
         clock[0] = now
         nstep.append(calc.last_nstep[0] if isinstance(calc, DEQCalculator) else None)
+        refined.append(bool(calc.last_refined[0]) if isinstance(calc, DEQCalculator) else False)
         positions.append(atoms.get_positions().copy())
         energies.append(float(calc.results["energy"]))
 
     dynamics.attach(record)
     dynamics.run(steps=steps, **run_kwargs)
-    return {"nstep": nstep, "time": times[1:], "positions": positions, "energy": energies}
+    return {"nstep": nstep, "refined": refined, "time": times[1:], "positions": positions, "energy": energies}
 
 
 def run_relaxations(checkpoint, systems, start, steps, fmax, warm=None):
@@ -161,6 +167,7 @@ def summary(repeats: list[list[dict]]) -> dict:
     if runs[0]["nstep"][0] is not None:
         result["mean_nstep_first"] = float(np.mean([run["nstep"][0] for run in runs]))
         result["mean_nstep_per_step"] = float(np.mean([n for run in runs for n in run["nstep"][1:]]))
+        result["refined_fraction"] = float(np.mean([r for run in runs for r in run["refined"][1:]]))
     return result
 
 
@@ -184,7 +191,8 @@ def relaxation_endpoints(checkpoint, systems, relaxations: dict, fmax: float) ->
             for constraint in atoms.constraints:
                 free[constraint.get_indices()] = False
             force.append(float(np.linalg.norm(atoms.get_forces()[free], axis=1).max()))
-        out[name] = {"steps": [len(run["nstep"]) - 1 for run in repeats[0]], "cold_energy_eV": energy,
+        out[name] = {"steps": [len(run["nstep"]) - 1 for run in repeats[0]],
+                     "refined_steps": [int(sum(run["refined"])) for run in repeats[0]], "cold_energy_eV": energy,
                      "cold_fmax_eV_per_A": force, "own_last_energy_eV": [run["energy"][-1] for run in repeats[0]],
                      "above_fmax": int(sum(f > fmax for f in force))}
     for name, ends in out.items():
@@ -287,7 +295,12 @@ def checkpoint_model(path, allowed: tuple, parser) -> dict:
         parser.error(str(error))
     if model.get("name") not in allowed:
         parser.error(f"{path} holds a '{model.get('name')}' model; expected one of {allowed}")
-    return {"path": str(path), "model": model["name"], "num_layers": model.get("num_layers")}
+    out = {"path": str(path), "model": model["name"], "num_layers": model.get("num_layers")}
+    if model["name"] in DEQ_MODELS:
+        from ocp_deq.deq.settings import DEQSettings
+
+        out["reuse_refine_fmax"] = DEQSettings.from_config(model.get("deq")).reuse.refine_fmax
+    return out
 
 
 def main(argv=None):
@@ -401,10 +414,11 @@ def markdown(result: dict) -> str:
                   f"contraction of f at the cold fixed points {diff['mean_contraction']:.2f}."]
     if "relaxation_endpoints" in result:
         lines += ["", "Relaxation endpoints judged by cold solves (first repeat; fmax on the free atoms):", "",
-                  "| start | BFGS steps per system | max cold fmax (eV/A) | endpoints above fmax | "
-                  "max abs energy vs the cold run's endpoint (eV) |", "| --- | --- | --- | --- | --- |"]
+                  "| start | BFGS steps per system | of them refined | max cold fmax (eV/A) | endpoints above fmax | "
+                  "max abs energy vs the cold run's endpoint (eV) |", "| --- | --- | --- | --- | --- | --- |"]
         for name, ends in result["relaxation_endpoints"].items():
-            lines.append(f"| {name} | {', '.join(map(str, ends['steps']))} | {max(ends['cold_fmax_eV_per_A']):.3f} | "
+            lines.append(f"| {name} | {', '.join(map(str, ends['steps']))} | "
+                         f"{', '.join(map(str, ends.get('refined_steps', ['-'])))} | {max(ends['cold_fmax_eV_per_A']):.3f} | "
                          f"{ends['above_fmax']} of {len(ends['steps'])} | {ends['max_abs_energy_vs_cold_run_eV']:.4f} |")
     repeats = relax[next(iter(relax))].get("repeats", 1)
     for key, baseline in (("step_ratio_to_explicit", "explicit step"),

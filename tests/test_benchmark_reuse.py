@@ -75,18 +75,22 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     assert calls["explicit"] == calls["explicit, no autograd"] == 2.0
     assert calls["cold"] > calls["reuse, 1 evaluation (cost floor)"] >= 1.0
     assert len(result["md_nstep_trace"]["reuse"]) == 13
-    assert result["checkpoints"]["deq"] == {"path": str(checkpoint), "model": "deq_equiformer_v2", "num_layers": 1}
+    assert result["checkpoints"]["deq"] == {"path": str(checkpoint), "model": "deq_equiformer_v2", "num_layers": 1,
+                                            "reuse_refine_fmax": 0.1}
     assert result["checkpoints"]["explicit"] == {"path": str(explicit), "model": "equiformer_v2", "num_layers": 2}
     diff = result["reuse_vs_cold"]
     assert diff["frames"] == 2 and diff["mean_relative_force"] < 0.25  # same model, solves to the same tolerance
     assert diff["warm_tol"] == 0.01 and result["reuse_vs_cold_warm_tol"]["warm_tol"] == 0.05
     assert md["reuse, 1 evaluation (cost floor)"]["mean_nstep_per_step"] == 1.0
+    assert result["relaxations"]["reuse, 1 evaluation (cost floor)"]["refined_fraction"] == 0.0  # never refined
+    assert result["relaxations"]["reuse"]["refined_fraction"] == 0.0  # warm solves at eval tolerance: nothing to refine
     assert md["reuse, warm tol 0.05"]["mean_nstep_first"] == md["cold"]["mean_nstep_first"]  # cold first call
     # relaxation endpoints re-evaluated cold: the cold run's own last energies come back (the
     # final positions, not the first), every DEQ configuration is judged
     ends = result["relaxation_endpoints"]
     assert set(ends) == set(md) - {"explicit", "explicit, no autograd"}
     assert all(len(e["steps"]) == 2 and 1 <= min(e["steps"]) and max(e["steps"]) <= 4 for e in ends.values())
+    assert all(0 <= r <= s for e in ends.values() for r, s in zip(e["refined_steps"], e["steps"]))
     for own, cold in zip(ends["cold"]["own_last_energy_eV"], ends["cold"]["cold_energy_eV"]):
         assert abs(own - cold) < 1e-3
     assert max(ends["reuse, 1 evaluation (cost floor)"]["cold_fmax_eV_per_A"]) > 0  # real forces, not a default

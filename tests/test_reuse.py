@@ -3,6 +3,7 @@ trajectory-ordered evaluation. Uses the tiny DEQ the test session trains (confte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -22,7 +23,7 @@ from ocp_deq.calculator import DEQCalculator
 from ocp_deq.data import read_lmdb, write_lmdb
 from ocp_deq.data.ordering import OrderingError, frame_ids, trajectory_batches
 from ocp_deq.deq.reuse import FixedPointCache
-from ocp_deq.deq.settings import ReuseSettings
+from ocp_deq.deq.settings import DEQConfigError, DEQSettings, ReuseSettings
 
 TOL = 1e-2  # the toy config's eval / warm-start relative tolerance
 
@@ -224,6 +225,99 @@ def test_mixed_batch_of_warm_and_cold_graphs_equals_separate_solves(calculator, 
     assert both["deq_nstep"][1] == cold_second["deq_nstep"][0]
     rel = (both["forces"][:n0] - alone["forces"]).norm() / alone["forces"].norm()
     assert rel < 5 * TOL
+
+
+# -- loose warm solves, refined near an optimiser's stop ------------------------------------
+LOOSE = 0.3  # a warm tolerance far looser than eval_solver's, so refining visibly changes the solve
+
+
+def _loose_calculator(checkpoint, refine_fmax: float) -> DEQCalculator:
+    calc = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
+    settings = calc.model.backbone.deq_settings
+    settings.reuse.solver = dataclasses.replace(settings.eval_solver, tol=LOOSE)
+    settings.reuse.refine_fmax = refine_fmax
+    return calc
+
+
+def test_refine_picks_warm_graphs_whose_free_atoms_feel_small_forces_in_ev_per_a(trained_deq):
+    from types import SimpleNamespace
+
+    *_, checkpoint = trained_deq
+    model = _loose_calculator(checkpoint, refine_fmax=0.2).model
+    data = SimpleNamespace(natoms=torch.tensor([2, 2, 1]), batch=torch.tensor([0, 0, 1, 1, 2]),
+                           fixed=torch.tensor([0, 1, 0, 0, 0]))
+    out = {"forces": torch.tensor([[0.1, 0, 0], [5, 0, 0], [0, 0.1, 0], [0, 0.3, 0], [0, 0, 0.01]]),
+           "deq_warm": torch.tensor([True, True, False])}
+    # graph 0: its large force is on a fixed atom; graph 1: 0.3 > 0.2; graph 2: started cold
+    assert model._to_refine(data, out).tolist() == [True, False, False]
+    model.force_denorm = lambda forces: 0.5 * forces  # the trainer's normaliser: model units -> eV/A
+    assert model._to_refine(data, out).tolist() == [True, True, False]
+    model.force_denorm = None
+    model.backbone.deq_settings.reuse.refine_fmax = 0.0
+    assert model._to_refine(data, out) is None  # off
+    model.backbone.deq_settings.reuse.refine_fmax = 0.2
+    model.backbone.deq_settings.reuse.solver = None
+    assert model._to_refine(data, out) is None  # warm solves already use eval_solver: nothing to refine
+    with pytest.raises(DEQConfigError, match="model.deq.reuse.refine_fmax must be >= 0"):
+        DEQSettings.from_config({"reuse": {"refine_fmax": -1}})
+
+
+def test_refined_graph_equals_an_eval_solve_from_its_loose_fixed_point(trained_deq, toy_root):
+    """Graph 1 warm and refined, graph 0 cold in one batch: graph 1 is what a loose solve from
+    its old fixed point followed by an eval_solver solve from there give (evaluations added),
+    graph 0 what a cold solve alone gives; the cache keeps graph 1's refined fixed point."""
+    from fairchem.core.datasets.lmdb_dataset import data_list_collater
+
+    *_, checkpoint = trained_deq
+    model = _loose_calculator(checkpoint, refine_fmax=1e6).model.eval()
+    settings = model.backbone.deq_settings
+    frames = read_lmdb(toy_root / "relax")[:2]
+    moved = [frame.clone() for frame in frames]
+    for frame in moved:
+        frame.pos[~frame.fixed.bool()] += 0.02
+    n0 = int(frames[0].natoms)
+    cache = FixedPointCache(settings.reuse)
+    with torch.no_grad():
+        with model.reusing(cache):
+            model(data_list_collater([frames[1]], otf_graph=True))  # warms graph 1's sid only
+            previous = cache.start(cache.last["keys"][0], frames[1].atomic_numbers.long()).clone()
+            torch.manual_seed(0)
+            both = model(data_list_collater(moved, otf_graph=True))
+        assert both["deq_refined"].tolist() == [False, True] and cache.last["warm"].tolist() == [False, True]
+        torch.manual_seed(0)
+        loose = model(data_list_collater([moved[1]], otf_graph=True), z0=previous, solver=settings.reuse.solver)
+        refined = model(data_list_collater([moved[1]], otf_graph=True), z0=loose["fixed_point"],
+                        solver=settings.eval_solver)
+        cold = model(data_list_collater([moved[0]], otf_graph=True), reuse=False)
+    assert loose["deq_residual"][0] > refined["deq_residual"][0]  # the refinement did tighten the solve
+    torch.testing.assert_close(both["forces"][n0:], refined["forces"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(both["energy"][1], refined["energy"][0], rtol=0, atol=1e-3)
+    assert both["deq_nstep"][1] == loose["deq_nstep"][0] + refined["deq_nstep"][0]
+    torch.testing.assert_close(both["forces"][:n0], cold["forces"], rtol=0, atol=1e-3)
+    assert both["deq_nstep"][0] == cold["deq_nstep"][0]
+    stored = cache.start(cache.last["keys"][1], frames[1].atomic_numbers.long())
+    assert torch.equal(stored, both["fixed_point"][n0:])
+    assert cache.last["deq_nstep"][1] == both["deq_nstep"][1]
+
+
+def test_bfgs_stops_only_on_refined_forces(trained_deq, toy_root):
+    """refine_fmax = the optimiser's fmax: loose warm solves serve the path, and the forces
+    BFGS stops on come from a solve to eval_solver's tolerance (refine_fmax in eV/A: the
+    calculator's trainer maps the model's normalised forces)."""
+    *_, checkpoint = trained_deq
+    atoms = slab(toy_root, 0, rattle=0.03)
+    probe = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, reuse=False)
+    atoms.calc = probe
+    fmax = 0.8 * float(np.sqrt((atoms.get_forces() ** 2).sum(1).max()))  # the tiny model relaxes little
+    calc = _loose_calculator(checkpoint, refine_fmax=fmax)
+    atoms.calc = calc
+    refined, warm = [], []
+    optimiser = BFGS(atoms, logfile=None, maxstep=0.04)
+    optimiser.attach(lambda: (refined.append(calc.last_refined[0]), warm.append(calc.last_warm[0])))
+    assert optimiser.run(fmax=fmax, steps=40)
+    assert refined[-1] and calc.last_residual[0] < TOL
+    assert warm[1:] == [True] * (len(warm) - 1) and not all(refined[1:])  # loose solves did serve the path
+    assert np.sqrt((atoms.get_forces() ** 2).sum(1).max()) < fmax
 
 
 def test_calculator_drives_ase_optimisers_and_md_and_resets_on_identity_change(calculator, toy_root):

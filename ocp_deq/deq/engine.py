@@ -20,8 +20,9 @@ from ocp_deq.deq.solvers import Solution, solve
 
 # Per-graph solver statistics in every DEQ model output.
 SOLVER_STAT_KEYS = ("deq_nstep", "deq_residual", "deq_converged")
-# ... and, when they apply, which graphs started warm and their estimated contraction.
-OPTIONAL_STAT_KEYS = ("deq_warm", "deq_contraction")
+# ... and, when they apply, which graphs started warm, their estimated contraction and
+# which were solved again to eval_solver's tolerance (``ReuseSettings.refine_fmax``).
+OPTIONAL_STAT_KEYS = ("deq_warm", "deq_contraction", "deq_refined")
 
 
 @dataclass

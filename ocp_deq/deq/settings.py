@@ -131,6 +131,12 @@ class ReuseSettings:
     Graphs it leaves unconverged are finished by ``eval_solver`` from where it stopped when
     ``fallback`` is on. ``start``: the last fixed point (``plain``) or the linear
     extrapolation of the last two (``extrapolate``).
+
+    ``refine_fmax`` (eV/A, 0 = off) serves a looser ``solver``: a warm graph whose forces
+    (max norm over its free atoms) come out below it is solved again from that fixed point
+    with ``eval_solver``. An optimiser with ``fmax <= refine_fmax`` therefore only ever sees
+    a force below its threshold from a solve to ``eval_solver``'s tolerance: it stops on
+    forces as accurate as plain reuse gives, while the loose solves serve the rest of the path.
     """
 
     enabled: bool = True
@@ -138,6 +144,7 @@ class ReuseSettings:
     start: str = "plain"
     fallback: bool = True
     solver: SolverSettings | None = None
+    refine_fmax: float = 0.1
 
     _SECTIONS = {"solver": SolverSettings}
 
@@ -146,6 +153,8 @@ class ReuseSettings:
             raise DEQConfigError(f"{where}.start='{self.start}' must be one of {START_STRATEGIES}")
         if int(self.max_systems) < 1:
             raise DEQConfigError(f"{where}.max_systems must be >= 1, got {self.max_systems}")
+        if self.refine_fmax < 0:
+            raise DEQConfigError(f"{where}.refine_fmax must be >= 0 (0 turns it off), got {self.refine_fmax}")
 
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -9,6 +9,7 @@ final norm -> fairchem's EquiformerV2 heads.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from fairchem.core.common import gp_utils
@@ -17,6 +18,7 @@ from fairchem.core.models.base import HydraModel
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
 from fairchem.core.models.equiformer_v2.layer_norm import get_normalization_layer
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding
+from torch_geometric.data import Batch
 from torchdeq.norm import apply_norm, reset_norm
 
 from ocp_deq.data.ordering import id_list
@@ -311,6 +313,7 @@ class DEQEquiformerV2(HydraModel):
         )
         self.force_mode = force_mode
         self.fixed_point_cache: FixedPointCache | None = None
+        self.force_denorm = None  # the trainer's map from force outputs to eV/A, set around its forwards
         start = self.backbone.deq_settings.train_start
         self.training_memory = TrainingFrameMemory(start) if start.enabled else None
 
@@ -354,6 +357,59 @@ class DEQEquiformerV2(HydraModel):
             raise RuntimeError("reuse=True needs an active fixed-point cache: use `with model.reusing(): ...`")
         if reuse is False or z0 is not None or self.training:
             cache = self.training_memory if self.training and z0 is None else None
+        evaluating = cache is not None and not self.training
+        pristine = copy.copy(data) if evaluating else None  # fairchem's graph code reshapes data.pbc in place
+        out = self._solve_and_predict(data, z0, solver, cache)
+        if evaluating:
+            refine = self._to_refine(data, out)
+            if refine is not None:
+                out = self._refined(pristine, out, refine, cache) if refine.any() else {**out, "deq_refined": refine}
+                cache.last["deq_refined"] = refine.cpu()
+        return out
+
+    def _to_refine(self, data, out) -> torch.Tensor | None:
+        """Warm graphs solved by a looser ``reuse.solver`` whose forces on free atoms are all
+        below ``reuse.refine_fmax`` [B], or None when refining is off (see ``ReuseSettings``)."""
+        settings = self.backbone.deq_settings
+        reuse = settings.reuse
+        if not reuse.refine_fmax or reuse.solver is None or reuse.solver == settings.eval_solver or "forces" not in out:
+            return None
+        forces = out["forces"].detach()
+        norm = (self.force_denorm(forces) if self.force_denorm is not None else forces).norm(dim=1)
+        fixed = getattr(data, "fixed", None)
+        if fixed is not None:
+            norm = norm.masked_fill(fixed.bool(), 0.0)
+        fmax = norm.new_zeros(data.natoms.numel()).scatter_reduce(0, data.batch, norm, "amax")
+        return out["deq_warm"].to(fmax.device) & (fmax < float(reuse.refine_fmax))
+
+    def _refined(self, data, out: dict, refine: torch.Tensor, cache: FixedPointCache) -> dict:
+        """``out`` with the ``refine`` graphs solved again from their fixed points by
+        ``eval_solver`` (their evaluations add up); the cache keeps the refined fixed points."""
+        graphs = refine.nonzero().flatten()
+        nodes = refine[data.batch]
+        part = copy.copy(data)
+        if not refine.all():
+            part = Batch.from_data_list(data.index_select(graphs.tolist()))
+            part.pos = part.pos.detach()
+        again = self._solve_and_predict(part, out["fixed_point"][nodes], self.backbone.deq_settings.eval_solver, None)
+        merged = {key: value.clone() if torch.is_tensor(value) else value for key, value in out.items()}
+        merged["energy"][graphs] = again["energy"]
+        merged["forces"][nodes] = again["forces"]
+        merged["fixed_point"][nodes] = again["fixed_point"]
+        merged["deq_nstep"][graphs] += again["deq_nstep"]
+        for key in ("deq_residual", "deq_converged", "deq_backward_converged"):
+            if key in again:
+                merged[key][graphs] = again[key]
+        merged["deq_work"] = copy.deepcopy(out["deq_work"])
+        merged["deq_work"].add(again["deq_work"])
+        merged["deq_refined"] = refine
+        keys = cache.keys_for(data)
+        numbers = torch.split(part.atomic_numbers.long(), part.natoms.tolist())
+        cache.store_all([keys[g] for g in graphs.tolist()], list(numbers), again["fixed_point"])
+        cache.last.update({key: merged[key].cpu() for key in SOLVER_STAT_KEYS})
+        return merged
+
+    def _solve_and_predict(self, data, z0, solver, cache) -> dict:
         conservative = self.regress_forces and self.force_mode == "conservative"
         with torch.enable_grad() if conservative else contextlib.nullcontext():
             if conservative:

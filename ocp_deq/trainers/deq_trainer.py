@@ -318,12 +318,17 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
     def _forward(self, batch):
         """fairchem's forward, keeping the model's whole output dict (solver statistics, DEQ
         loss terms) in ``last_model_output``: fairchem keeps only the predicted targets."""
-        model, self.last_model_output = self.model, None
+        model, unwrapped, self.last_model_output = self.model, self._unwrapped_model, None
         self.model = _KeepOutput(model, self)
+        if hasattr(unwrapped, "force_denorm"):  # DEQ reuse judges forces in eV/A (ReuseSettings.refine_fmax)
+            normalizer = self.normalizers.get("forces")
+            unwrapped.force_denorm = normalizer.forward if normalizer is not None else None
         try:
             out = super()._forward(batch)
         finally:
             self.model = model
+            if hasattr(unwrapped, "force_denorm"):
+                unwrapped.force_denorm = None
         self._log_solve(batch)
         self._nonfinite = self._find_nonfinite(out, batch)
         return out
