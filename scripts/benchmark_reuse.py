@@ -68,8 +68,8 @@ def same_predictions(checkpoint, system) -> dict:
 
 
 def warm_tol_name(tol: float) -> str:
-    """Loose warm solves, refined to the cold tolerance where forces fall below
-    ``model.deq.reuse.refine_fmax`` (the checkpoint's setting)."""
+    """Loose warm solves (refined to the cold tolerance where forces fall below
+    ``model.deq.reuse.refine_fmax``: the checkpoint's setting or ``--refine-fmax``)."""
     return f"reuse, warm tol {tol:g}"
 
 
@@ -97,6 +97,9 @@ def calculator(checkpoint: str, start: str | None, warm: dict | None = None):
         settings = calc.model.backbone.deq_settings
         settings.reuse.start = start
         if warm:
+            warm = dict(warm)
+            if "refine_fmax" in warm:
+                settings.reuse.refine_fmax = warm.pop("refine_fmax")
             floor = "max_iter" in warm  # exactly one evaluation: no fallback, no refinement
             settings.reuse.solver = dataclasses.replace(settings.eval_solver, **warm)
             settings.reuse.fallback = not floor
@@ -316,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--warm-tol", type=float,
                         help="also run plain reuse with this tolerance for the warm solves (the trade: fewer "
                              "evaluations against warm/cold agreement, both reported)")
+    parser.add_argument("--refine-fmax", type=float,
+                        help="with --warm-tol: model.deq.reuse.refine_fmax (eV/A) for those runs (default: the checkpoint's)")
     parser.add_argument("--supercell", default="1,1,1", metavar="A,B,C",
                         help="repeat every slab this many times along its cell vectors (atoms x A*B*C)")
     parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats of every configuration")
@@ -336,7 +341,9 @@ def main(argv=None):
               "atoms": [len(atoms) for atoms in systems]}
     runs = {name: (start, None) for name, start in STRATEGIES.items()}
     if args.warm_tol is not None:
-        runs[warm_tol_name(args.warm_tol)] = ("plain", {"tol": args.warm_tol})
+        refine = {} if args.refine_fmax is None else {"refine_fmax": args.refine_fmax}
+        runs[warm_tol_name(args.warm_tol)] = ("plain", {"tol": args.warm_tol, **refine})
+        result["warm_tol_refine_fmax"] = args.refine_fmax
     runs[ONE_EVALUATION] = ("plain", {"max_iter": 1})
     if args.explicit_checkpoint:
         runs[EXPLICIT] = (EXPLICIT, None)

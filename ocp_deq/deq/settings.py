@@ -132,7 +132,8 @@ class ReuseSettings:
     ``fallback`` is on. ``start``: the last fixed point (``plain``) or the linear
     extrapolation of the last two (``extrapolate``).
 
-    ``refine_fmax`` (eV/A, 0 = off) serves a looser ``solver``: a warm graph whose forces
+    ``refine_fmax`` (eV/A, 0 = off, experimental: at 0.1 it made BFGS relaxations longer,
+    docs/benchmarks/reuse_refined) serves a looser ``solver``: a warm graph whose forces
     (max norm over its free atoms) come out below it is solved again from that fixed point
     with ``eval_solver``. An optimiser with ``fmax <= refine_fmax`` therefore only ever sees
     a force below its threshold from a solve to ``eval_solver``'s tolerance: it stops on
@@ -144,7 +145,7 @@ class ReuseSettings:
     start: str = "plain"
     fallback: bool = True
     solver: SolverSettings | None = None
-    refine_fmax: float = 0.1
+    refine_fmax: float = 0.0
 
     _SECTIONS = {"solver": SolverSettings}
 
