@@ -357,23 +357,29 @@ class DEQEquiformerV2(HydraModel):
             raise RuntimeError("reuse=True needs an active fixed-point cache: use `with model.reusing(): ...`")
         if reuse is False or z0 is not None or self.training:
             cache = self.training_memory if self.training and z0 is None else None
-        evaluating = cache is not None and not self.training
-        pristine = copy.copy(data) if evaluating else None  # fairchem's graph code reshapes data.pbc in place
+        refining = cache is not None and not self.training and self._refining()
+        pristine = copy.copy(data) if refining else None  # fairchem's graph code reshapes data.pbc in place
         out = self._solve_and_predict(data, z0, solver, cache)
-        if evaluating:
+        if refining:
             refine = self._to_refine(data, out)
             if refine is not None:
                 out = self._refined(pristine, out, refine, cache) if refine.any() else {**out, "deq_refined": refine}
                 cache.last["deq_refined"] = refine.cpu()
         return out
 
+    def _refining(self) -> bool:
+        """Refinement is on: a looser ``reuse.solver`` and ``reuse.refine_fmax`` > 0, forces predicted."""
+        settings = self.backbone.deq_settings
+        reuse = settings.reuse
+        return bool(reuse.refine_fmax) and reuse.solver is not None and reuse.solver != settings.eval_solver \
+            and self.regress_forces
+
     def _to_refine(self, data, out) -> torch.Tensor | None:
         """Warm graphs solved by a looser ``reuse.solver`` whose forces on free atoms are all
         below ``reuse.refine_fmax`` [B], or None when refining is off (see ``ReuseSettings``)."""
-        settings = self.backbone.deq_settings
-        reuse = settings.reuse
-        if not reuse.refine_fmax or reuse.solver is None or reuse.solver == settings.eval_solver or "forces" not in out:
+        if not self._refining() or "forces" not in out:
             return None
+        reuse = self.backbone.deq_settings.reuse
         forces = out["forces"].detach()
         norm = (self.force_denorm(forces) if self.force_denorm is not None else forces).norm(dim=1)
         fixed = getattr(data, "fixed", None)
