@@ -34,6 +34,7 @@ from fairchem.core.datasets import data_list_collater  # noqa: E402
 
 from ocp_deq.data import read_lmdb  # noqa: E402
 from ocp_deq.data.toy_s2ef import ToySpec, ensure_toy_data  # noqa: E402
+from ocp_deq.models.distance_expansion import band_gaussians  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # name -> EquiformerV2 widths
@@ -56,8 +57,10 @@ def build(kind: str, layers: int, size: dict, base: dict):
     torch.manual_seed(0)
     kwargs = {k: v for k, v in base.items() if k not in ("name", "deq", "num_layers")}
     kwargs.update(size)
-    if kind == "explicit":
-        return registry.get_model_class("equiformer_v2")(num_layers=layers, **kwargs)
+    if kind == "explicit":  # with the DEQ's banded Gaussian distance expansion: a fair race
+        model = registry.get_model_class("equiformer_v2")(num_layers=layers, **kwargs)
+        band_gaussians(model)
+        return model
     return registry.get_model_class("deq_equiformer_v2")(num_layers=layers, deq={**base["deq"], "gradient": kind}, **kwargs)
 
 
