@@ -23,12 +23,13 @@ class DEQCalculator(OCPCalculator):
     After each call, ``last_nstep`` / ``last_residual`` / ``last_converged`` / ``last_warm``
     describe the solve (function evaluations, relative residual, convergence, warm start),
     ``last_refined`` whether a loose warm solve was solved again because its forces came out
-    below ``model.deq.reuse.refine_fmax`` (set it >= the optimiser's fmax);
+    below ``refine_fmax`` (eV/A; pass the optimiser's fmax; default: the checkpoint's
+    ``model.deq.reuse.refine_fmax``, off when null; it only acts with a looser ``reuse.solver``);
     with conservative forces ``last_backward_converged`` tells whether the IFT backward solve
     behind the forces converged (None otherwise).
     """
 
-    def __init__(self, *args, reuse: bool = True, system_id: str = "atoms", **kwargs):
+    def __init__(self, *args, reuse: bool = True, system_id: str = "atoms", refine_fmax: float | None = None, **kwargs):
         kwargs.setdefault("trainer", "deq")  # fairchem stores its task name ("ocp") as the trainer
         checkpoint_path = kwargs.get("checkpoint_path", args[1] if len(args) > 1 else None)
         if checkpoint_path is not None:
@@ -39,6 +40,10 @@ class DEQCalculator(OCPCalculator):
         self.model = self.trainer._unwrapped_model
         if not hasattr(self.model, "reusing"):
             raise TypeError(f"DEQCalculator needs a deq_equiformer_v2 checkpoint, got {type(self.model).__name__}")
+        if refine_fmax is not None:
+            settings = self.model.backbone.deq_settings.reuse
+            settings.refine_fmax = refine_fmax
+            settings.validate("DEQCalculator")
         self.cache = FixedPointCache(self.model.backbone.deq_settings.reuse) if reuse else None
         self.system_id = system_id
         self._identity = None

@@ -71,7 +71,7 @@ def same_predictions(checkpoint, system) -> dict:
 
 def warm_tol_name(tol: float) -> str:
     """Loose warm solves (refined to the cold tolerance where forces fall below
-    ``model.deq.reuse.refine_fmax``: the checkpoint's setting or ``--refine-fmax``)."""
+    ``--refine-fmax``, by default the relaxations' ``--fmax``)."""
     return f"reuse, warm tol {tol:g}"
 
 
@@ -324,7 +324,8 @@ def main(argv=None):
                         help="also run plain reuse with this tolerance for the warm solves (the trade: fewer "
                              "evaluations against warm/cold agreement, both reported)")
     parser.add_argument("--refine-fmax", type=float,
-                        help="with --warm-tol: model.deq.reuse.refine_fmax (eV/A) for those runs (default: the checkpoint's)")
+                        help="with --warm-tol: model.deq.reuse.refine_fmax (eV/A) for those runs "
+                             "(default: --fmax, where BFGS can stop; 0: off)")
     parser.add_argument("--supercell", default="1,1,1", metavar="A,B,C",
                         help="repeat every slab this many times along its cell vectors (atoms x A*B*C)")
     parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats of every configuration")
@@ -345,9 +346,9 @@ def main(argv=None):
               "atoms": [len(atoms) for atoms in systems]}
     runs = {name: (start, None) for name, start in STRATEGIES.items()}
     if args.warm_tol is not None:
-        refine = {} if args.refine_fmax is None else {"refine_fmax": args.refine_fmax}
-        runs[warm_tol_name(args.warm_tol)] = ("plain", {"tol": args.warm_tol, **refine})
-        result["warm_tol_refine_fmax"] = args.refine_fmax
+        refine_fmax = args.fmax if args.refine_fmax is None else args.refine_fmax
+        runs[warm_tol_name(args.warm_tol)] = ("plain", {"tol": args.warm_tol, "refine_fmax": refine_fmax})
+        result["warm_tol_refine_fmax"] = refine_fmax
     runs[ONE_EVALUATION] = ("plain", {"max_iter": 1})
     if args.explicit_checkpoint:
         runs[EXPLICIT] = (EXPLICIT, None)

@@ -76,7 +76,8 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     assert calls["cold"] > calls["reuse, 1 evaluation (cost floor)"] >= 1.0
     assert len(result["md_nstep_trace"]["reuse"]) == 13
     assert result["checkpoints"]["deq"] == {"path": str(checkpoint), "model": "deq_equiformer_v2", "num_layers": 1,
-                                            "reuse_refine_fmax": 0.0}
+                                            "reuse_refine_fmax": None}
+    assert result["warm_tol_refine_fmax"] == 0.03  # the warm-tol run refines at BFGS's --fmax by default
     assert result["checkpoints"]["explicit"] == {"path": str(explicit), "model": "equiformer_v2", "num_layers": 2}
     diff = result["reuse_vs_cold"]
     assert diff["frames"] == 2 and diff["mean_relative_force"] < 0.25  # same model, solves to the same tolerance

@@ -24,6 +24,7 @@ from ocp_deq.data import read_lmdb, write_lmdb
 from ocp_deq.data.ordering import OrderingError, frame_ids, trajectory_batches
 from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQConfigError, DEQSettings, ReuseSettings
+from ocp_deq.trainers.solver_report import summarise_solver_log
 
 TOL = 1e-2  # the toy config's eval / warm-start relative tolerance
 
@@ -232,10 +233,10 @@ LOOSE = 0.3  # a warm tolerance far looser than eval_solver's, so refining visib
 
 
 def _loose_calculator(checkpoint, refine_fmax: float) -> DEQCalculator:
-    calc = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
+    calc = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, refine_fmax=refine_fmax)
     settings = calc.model.backbone.deq_settings
+    assert settings.reuse.refine_fmax == refine_fmax
     settings.reuse.solver = dataclasses.replace(settings.eval_solver, tol=LOOSE)
-    settings.reuse.refine_fmax = refine_fmax
     return calc
 
 
@@ -258,8 +259,37 @@ def test_refine_picks_warm_graphs_whose_free_atoms_feel_small_forces_in_ev_per_a
     model.backbone.deq_settings.reuse.refine_fmax = 0.2
     model.backbone.deq_settings.reuse.solver = None
     assert model._to_refine(data, out) is None  # warm solves already use eval_solver: nothing to refine
-    with pytest.raises(DEQConfigError, match="model.deq.reuse.refine_fmax must be >= 0"):
-        DEQSettings.from_config({"reuse": {"refine_fmax": -1}})
+    model.backbone.deq_settings.reuse.solver = dataclasses.replace(model.backbone.deq_settings.eval_solver, tol=LOOSE)
+    model.backbone.deq_settings.reuse.refine_fmax = None
+    assert model._to_refine(data, out) is None  # null: off outside run-relaxations
+    assert DEQSettings.from_config(None).reuse.refine_fmax is None
+    for bad in (-1, "0.05", True):
+        with pytest.raises(DEQConfigError, match="model.deq.reuse.refine_fmax must be null or a number >= 0"):
+            DEQSettings.from_config({"reuse": {"refine_fmax": bad}})
+    with pytest.raises(DEQConfigError, match=r"DEQCalculator.refine_fmax must be null or a number >= 0 \(0 turns it off\), got -0.1"):
+        DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, refine_fmax=-0.1)
+
+
+def test_run_relaxations_refines_at_the_relaxation_fmax_unless_set(trained_deq):
+    """refine_fmax null: the trainer refines at fairchem's task.relaxation_fmax (default
+    0.02) during run-relaxations only; a configured value (0 = off included) is kept."""
+    *_, checkpoint = trained_deq
+    trainer = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0).trainer
+    reuse = trainer.deq_settings.reuse
+    assert reuse.refine_fmax is None
+    for task, expected in (({}, 0.02), ({"relaxation_fmax": 0.05}, 0.05)):
+        trainer.config["task"] = {k: v for k, v in trainer.config["task"].items() if k != "relaxation_fmax"} | task
+        with trainer._refining_at_relaxation_fmax():
+            assert reuse.refine_fmax == expected
+        assert reuse.refine_fmax is None
+    for configured in (0.0, 0.1):
+        reuse.refine_fmax = configured
+        with trainer._refining_at_relaxation_fmax():
+            assert reuse.refine_fmax == configured
+    log = [{"sid": [1, 2], "nstep": [4, 4], "converged": [True, True], "refined": [False, False]},
+           {"sid": [1, 2], "nstep": [3, 1], "converged": [True, True], "refined": [True, False]},
+           {"sid": [1], "nstep": [1], "converged": [True]}]  # a call without refinement statistics
+    assert summarise_solver_log(log, 1.0)["refined_solves"] == 1
 
 
 def test_refined_graph_equals_an_eval_solve_from_its_loose_fixed_point(trained_deq, toy_root):
@@ -357,6 +387,7 @@ def test_run_relaxations_warm_starts_and_writes_outputs(trained_deq, force_mode)
     assert report["reuse"] and report["systems"] == len(positions["ids"])
     assert report["mean_nstep_later_calls"] < report["mean_nstep_first_call"]
     assert report["wall_time_per_system_s"] > 0
+    assert report["refined_solves"] == 0  # warm solves use eval_solver: nothing to refine
 
 
 def test_ordered_validation_reports_reuse_and_cold(trained_deq):

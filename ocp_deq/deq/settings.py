@@ -132,12 +132,14 @@ class ReuseSettings:
     ``fallback`` is on. ``start``: the last fixed point (``plain``) or the linear
     extrapolation of the last two (``extrapolate``).
 
-    ``refine_fmax`` (eV/A, 0 = off, experimental: at 0.1 it made BFGS relaxations longer,
-    docs/benchmarks/reuse_refined) serves a looser ``solver``: a warm graph whose forces
-    (max norm over its free atoms) come out below it is solved again from that fixed point
-    with ``eval_solver``. An optimiser with ``fmax <= refine_fmax`` therefore only ever sees
-    a force below its threshold from a solve to ``eval_solver``'s tolerance: it stops on
-    forces as accurate as plain reuse gives, while the loose solves serve the rest of the path.
+    ``refine_fmax`` (eV/A) serves a looser ``solver``: a warm graph whose forces (max norm
+    over its free atoms) come out below it is solved again from that fixed point with
+    ``eval_solver``. Set to the optimiser's fmax, only the steps where it could stop are
+    refined, so it stops on forces as accurate as a cold solve's while the loose solves serve
+    the rest of the path (docs/benchmarks/reuse_banded); set higher, BFGS sees forces of two
+    precisions in turn and wanders (docs/benchmarks/reuse_refined). null (default): the
+    relaxation's fmax in ``--mode run-relaxations`` (``task.relaxation_fmax``), off
+    elsewhere (``DEQCalculator(refine_fmax=...)`` for ASE); 0: off.
     """
 
     enabled: bool = True
@@ -145,7 +147,7 @@ class ReuseSettings:
     start: str = "plain"
     fallback: bool = True
     solver: SolverSettings | None = None
-    refine_fmax: float = 0.0
+    refine_fmax: float | None = None
 
     _SECTIONS = {"solver": SolverSettings}
 
@@ -154,8 +156,10 @@ class ReuseSettings:
             raise DEQConfigError(f"{where}.start='{self.start}' must be one of {START_STRATEGIES}")
         if int(self.max_systems) < 1:
             raise DEQConfigError(f"{where}.max_systems must be >= 1, got {self.max_systems}")
-        if self.refine_fmax < 0:
-            raise DEQConfigError(f"{where}.refine_fmax must be >= 0 (0 turns it off), got {self.refine_fmax}")
+        if self.refine_fmax is not None and (isinstance(self.refine_fmax, bool) or not isinstance(self.refine_fmax, (int, float))
+                                             or self.refine_fmax < 0):
+            raise DEQConfigError(f"{where}.refine_fmax must be null or a number >= 0 (0 turns it off), "
+                                 f"got {self.refine_fmax!r}")
 
 
 DTYPES = ("float16", "bfloat16", "float32")

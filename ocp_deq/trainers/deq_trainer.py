@@ -190,9 +190,23 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
     def run_relaxations(self):
         self._check_relaxation_ids()
         # ranks whose relaxations converge early run fewer steps: no per-step collectives
-        with self._rank_local(), self.fixed_point_reuse() as cache, \
+        with self._rank_local(), self.fixed_point_reuse() as cache, self._refining_at_relaxation_fmax(), \
                 self.solver_report("relaxations", cache is not None):
             return super().run_relaxations()
+
+    @contextlib.contextmanager
+    def _refining_at_relaxation_fmax(self):
+        """``model.deq.reuse.refine_fmax: null``: loose warm solves are refined where the
+        relaxation could stop, at its own fmax (fairchem's ``task.relaxation_fmax``, 0.02)."""
+        settings = self.deq_settings
+        if settings is None or settings.reuse.refine_fmax is not None:
+            yield
+            return
+        settings.reuse.refine_fmax = float(self.config["task"].get("relaxation_fmax", 0.02))
+        try:
+            yield
+        finally:
+            settings.reuse.refine_fmax = None
 
     def _check_relaxation_ids(self) -> None:
         """fairchem keys relaxation outputs by sid (duplicates dropped): refuse a relax set in
@@ -342,7 +356,8 @@ class DEQTrainer(ResumableCheckpoints, EquiformerV2ForcesTrainer):
         if log is not None and "deq_nstep" in out:
             sid = getattr(batch, "sid", None)
             sids = id_list(sid) if sid is not None else [None] * len(out["deq_nstep"])
-            log.append({"sid": sids, "nstep": out["deq_nstep"].tolist(), "converged": out["deq_converged"].tolist()})
+            log.append({"sid": sids, "nstep": out["deq_nstep"].tolist(), "converged": out["deq_converged"].tolist(),
+                        "refined": out["deq_refined"].tolist() if "deq_refined" in out else []})
 
     def _find_nonfinite(self, out, batch) -> str | None:
         """Which outputs are NaN/inf, and for which systems (sid)."""

@@ -15,7 +15,8 @@ def summarise_solver_log(log: list[dict], wall_time: float, ranks: int = 1) -> d
     """``log``: one entry per model call with ``sid``, ``nstep``, ``converged`` lists, from
     ``ranks`` processes that ran side by side for ``wall_time`` seconds.
 
-    A system's first call starts cold; later calls can reuse its fixed point.
+    A system's first call starts cold; later calls can reuse its fixed point. ``refined``
+    (optional): which graphs' loose warm solves were solved again (``reuse.refine_fmax``).
     """
     seen, first, later, unconverged = {}, [], [], 0
     for call in log:
@@ -32,6 +33,7 @@ def summarise_solver_log(log: list[dict], wall_time: float, ranks: int = 1) -> d
         "mean_nstep_first_call": float(np.mean(first)),
         "mean_nstep_later_calls": float(np.mean(later)) if later else None,
         "unconverged_fraction": unconverged / graphs,
+        "refined_solves": int(sum(sum(call.get("refined", [])) for call in log)),
         "wall_time_s": wall_time,
         "ranks": ranks,
         "wall_time_per_call_s": wall_time * ranks / len(log),
@@ -49,7 +51,7 @@ def write_solver_report(results_dir: str | None, name: str, report: dict) -> Pat
         f"{report['model_calls']} model calls, mean solver evaluations {report['mean_nstep']:.2f} "
         f"(first call {report['mean_nstep_first_call']:.2f}, later calls "
         f"{'-' if later is None else f'{later:.2f}'}), unconverged {report['unconverged_fraction']:.3f}, "
-        f"{report['wall_time_per_call_s']:.3f} s per call, {report['wall_time_per_system_s']:.3f} s per system"
+        f"refined {report['refined_solves']}, {report['wall_time_per_call_s']:.3f} s per call, {report['wall_time_per_system_s']:.3f} s per system"
     )
     if results_dir is None:
         return None
