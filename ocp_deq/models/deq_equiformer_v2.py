@@ -96,6 +96,16 @@ def _edge_features(attention, graph) -> dict:
             "shared": attention.rad_func(x_edge) if attention.use_m_share_rad else None}
 
 
+def _collated_pbc(data) -> torch.Tensor:
+    """``data.pbc`` in the layout PyG collated it in, so that the batch can be sliced again:
+    fairchem's radius graph makes it at least 2-D in place ([3B] -> [1, 3B]), on the Batch
+    object that its relaxations forward at every step."""
+    slices = getattr(data, "_slice_dict", {}).get("pbc")
+    if slices is None or data.pbc.shape[0] == int(slices[-1]):
+        return data.pbc
+    return data.pbc.reshape(int(slices[-1]), *data.pbc.shape[2:])
+
+
 class EquiformerFixedPoint:
     """f(z) on some graphs of a batch: post_norm(x + gain * (blocks(u) - u)) (form "update")
     or post_norm(blocks(u)) (form "block"), u = pre_norm(inject(z, x)); norms optional.
@@ -360,12 +370,11 @@ class DEQEquiformerV2(HydraModel):
         if reuse is False or z0 is not None or self.training:
             cache = self.training_memory if self.training and z0 is None else None
         refining = cache is not None and not self.training and self._refining()
-        pristine = copy.copy(data) if refining else None  # fairchem's graph code reshapes data.pbc in place
         out = self._solve_and_predict(data, z0, solver, cache)
         if refining:
             refine = self._to_refine(data, out)
             if refine is not None:
-                out = self._refined(pristine, out, refine, cache) if refine.any() else {**out, "deq_refined": refine}
+                out = self._refined(data, out, refine, cache) if refine.any() else {**out, "deq_refined": refine}
                 cache.last["deq_refined"] = refine.cpu()
         return out
 
@@ -397,7 +406,8 @@ class DEQEquiformerV2(HydraModel):
         nodes = refine[data.batch]
         part = copy.copy(data)
         if not refine.all():
-            part = Batch.from_data_list(data.index_select(graphs.tolist()))
+            part.pbc = _collated_pbc(data)
+            part = Batch.from_data_list(part.index_select(graphs.tolist()))
             part.pos = part.pos.detach()
         again = self._solve_and_predict(part, out["fixed_point"][nodes], self.backbone.deq_settings.eval_solver, None)
         merged = {key: value.clone() if torch.is_tensor(value) else value for key, value in out.items()}
