@@ -28,10 +28,17 @@ class BandedGaussianSmearing(GaussianSmearing):
     """Same state and output as ``GaussianSmearing`` (to NEGLIGIBLE); computes each edge's
     band of non-negligible values only (the dense forward when the band covers the basis)."""
 
+    def _band(self) -> tuple[float, int]:
+        """(spacing, half width), read once: the offsets are a fixed buffer, and reading them
+        on a GPU at every forward would wait for the device."""
+        if getattr(self, "_band_geometry", None) is None:
+            spacing = float(self.offset[1] - self.offset[0])
+            self._band_geometry = (spacing, band_half_width(self.coeff, spacing))
+        return self._band_geometry
+
     def forward(self, dist: torch.Tensor) -> torch.Tensor:
         n = self.offset.numel()
-        spacing = float(self.offset[1] - self.offset[0])
-        half = band_half_width(self.coeff, spacing)
+        spacing, half = self._band()
         if 2 * half + 1 >= n:
             return super().forward(dist)
         d = dist.view(-1, 1)
