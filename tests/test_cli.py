@@ -73,21 +73,31 @@ def test_config_names_resolve_under_configs():
         resolve_config("deq_equiformer_v2_small_l3.yml")
 
 
-def test_unknown_config_name_is_a_clear_error(tmp_path):
-    proc = run_cli("--mode", "train", "--config-yml", "no_such_model.yml", "--cpu", cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "config 'no_such_model.yml' is neither a file nor a config name" in proc.stderr
-    assert "toy/deq_equiformer_v2_toy.yml" in proc.stderr  # lists the candidates
+def cli_error(args, capsys) -> str:
+    """Exit status 2 and stderr of a CLI mistake caught before fairchem starts (in this
+    process: main.py calls the same main; one mistake goes through main.py below)."""
+    from ocp_deq.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_missing_lmdb_path_is_a_clear_error(toy_root, tmp_path):
+def test_unknown_config_name_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stderr = cli_error(["--mode", "train", "--config-yml", "no_such_model.yml", "--cpu"], capsys)
+    assert "config 'no_such_model.yml' is neither a file nor a config name" in stderr
+    assert "toy/deq_equiformer_v2_toy.yml" in stderr  # lists the candidates
+
+
+def test_missing_lmdb_path_is_a_clear_error(toy_root, tmp_path, capsys):
     config = make_config(tmp_path, toy_root)
     data = yaml.safe_load(config.read_text())
     data["dataset"]["val"]["src"] = str(tmp_path / "nowhere")
     config.write_text(yaml.safe_dump(data))
-    proc = run_cli("--mode", "train", "--config-yml", config, "--cpu", cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert f"dataset.val.src: LMDB path '{tmp_path / 'nowhere'}' does not exist" in proc.stderr
+    stderr = cli_error(["--mode", "train", "--config-yml", config, "--cpu", "--run-dir", tmp_path / "run"], capsys)
+    assert f"dataset.val.src: LMDB path '{tmp_path / 'nowhere'}' does not exist" in stderr
 
 
 def _broken_setups(tmp_path, toy_root):
@@ -131,8 +141,6 @@ def test_configuration_data_and_checkpoint_mistakes_are_one_line_errors(toy_root
     """Each mistake: exit status 2, one message naming the key / file, nothing written, no
     payload run. The checks run before fairchem starts: in this process (main.py calls the same
     main), and once through main.py for the real command line."""
-    from ocp_deq.cli import main
-
     for name, edit, extra, message in _broken_setups(tmp_path, toy_root):
         config = make_config(tmp_path, toy_root, model=edit.get("model"))
         data = yaml.safe_load(config.read_text())
@@ -149,9 +157,7 @@ def test_configuration_data_and_checkpoint_mistakes_are_one_line_errors(toy_root
             code, stderr = proc.returncode, proc.stderr
             assert "Traceback" not in stderr, name
         else:
-            with pytest.raises(SystemExit) as exit_info:
-                main(args)
-            code, stderr = exit_info.value.code, capsys.readouterr().err
+            code, stderr = 2, cli_error(args, capsys)
         assert code == 2, (name, stderr[-2000:])
         assert message in stderr and stderr.count("\n") == 1, (name, stderr[-2000:])
         if existed:

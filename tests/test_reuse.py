@@ -455,13 +455,10 @@ def test_periodic_converted_data_works_wherever_the_toy_data_does(trained_deq, t
     """A user's periodic trajectory (a toy slab's frames as an ASE .traj), converted by the
     converter script: ordered validation with its cold comparison, run-relaxations and
     predict all run on it, as on the toy data."""
-    import subprocess
-    import sys
-
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from conftest import REPO
+    from conftest import load_script
 
     work, config, _, checkpoint = trained_deq
     frames = read_lmdb(toy_root / "train")
@@ -475,8 +472,8 @@ def test_periodic_converted_data_works_wherever_the_toy_data_does(trained_deq, t
         images.append(atoms)
     ase.io.write(tmp_path / "slab.traj", images)
     out = tmp_path / "converted"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "convert_trajectory.py"), str(tmp_path / "slab.traj"),
-                    "-o", str(out), "--split", "ordered", "--train", "2", "--val", "4", "--test", "2"], check=True)
+    assert load_script("convert_trajectory").main([str(tmp_path / "slab.traj"), "-o", str(out), "--split", "ordered",
+                                                    "--train", "2", "--val", "4", "--test", "2"]) == 0
     assert read_lmdb(out / "val")[0].pbc.tolist() == [[True, True, True]]
     # relax: one initial structure (fairchem writes one relaxation per sid); py-lmdb opens a file once per process
     write_lmdb(tmp_path / "relax" / "data.lmdb", read_lmdb(out / "test")[:1])
