@@ -110,3 +110,31 @@ def test_fixed_point_correction_predicts_on_earlier_states(gradient):
     # earlier solver states give different (less converged) predictions, each with gradients
     assert all(s["energy"].requires_grad for s in states)
     assert not torch.allclose(states[0]["energy"], out["energy"])
+
+
+def test_spectral_normed_f_started_from_explicit_weights_computes_with_them():
+    """A DEQ with a spectral-normed f started from an explicit model (ocp_deq.models.from_explicit):
+    its normed layers give back the explicit block's weights exactly, in evaluation forwards
+    and after the power iteration of a training forward."""
+    from fairchem.core.common.registry import registry
+
+    from ocp_deq.models.from_explicit import deq_state_from_explicit, hydra_name
+    from test_gradients import WIDTH
+
+    torch.manual_seed(1)
+    explicit = registry.get_model_class("equiformer_v2")(num_layers=2, **WIDTH)
+    weights = {hydra_name(k): v for k, v in explicit.state_dict().items()}
+    deq = build("phantom", solver=LOOSE, spectral_norm=True)
+    state, rows = deq_state_from_explicit(deq.state_dict(), weights, [1])
+    assert not [key for key, source in rows if source is None and "blocks" in key]  # nothing of f left at its init
+    deq.load_state_dict(state)
+    layers = {hydra_name(name).replace("backbone.blocks.1.", "backbone.blocks.0."): module
+              for name, module in explicit.named_modules() if isinstance(module, torch.nn.Linear)}
+    normed = {name: module for name, module in deq.named_modules() if hasattr(module, "weight_orig")}
+    assert normed and set(normed) <= set(layers)
+    for mode in ("eval", "train"):
+        getattr(deq, mode)()
+        torch.manual_seed(5)
+        deq(molecule_batch())  # the forward recomputes weight = orig * g / sigma
+        for name, module in normed.items():
+            torch.testing.assert_close(module.weight, layers[name].weight, rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")

@@ -3,7 +3,8 @@
 Both models are built from fairchem's parts, so the encoder (atom and edge-degree
 embeddings), the final norm and the heads map one to one, and each block of f is a copy of
 a chosen explicit block. What the explicit model has no counterpart for (the update gain,
-extra norms: ``backbone.deq_*``) keeps its initialisation; any other tensor without a
+extra norms: ``backbone.deq_*``) keeps its initialisation; spectral-normed layers of f
+(``model.deq.spectral_norm``) are set up to give back the explicit weights exactly; any other tensor without a
 counterpart is an error, not a silent random start. Old-style ``equiformer_v2`` checkpoints
 (also fairchem's published ones: ``model`` + ``model_attributes``) and hydra ones (``hydra``
 with ``equiformer_v2_backbone`` and the ``equiformer_v2_energy_head`` / ``_force_head``
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from fairchem.core.common.registry import registry
 
 BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.(.+)$")
@@ -66,6 +68,25 @@ def explicit_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, str]
     return state, "EMA weights"
 
 
+SPECTRAL_PART = re.compile(r"^(.+)_(orig|g|u|v)$")  # torchdeq's spectral norm: weight -> weight_orig, _g, _u, _v
+
+
+def _spectral_normed(deq_state: dict, key: str) -> bool:
+    base = key.rsplit("_", 1)[0]
+    return f"{base}_orig" in deq_state and f"{base}_u" in deq_state
+
+
+def spectral_norm_part(part: str, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One tensor of torchdeq's spectral norm (weight = orig * g / sigma, sigma = u^T orig v)
+    set up to give back the explicit ``weight`` exactly: orig = W, u and v its top singular
+    vectors (so sigma is exact), g = sigma for every row."""
+    matrix = weight.detach().reshape(weight.shape[0], -1).double()
+    left, values, right = torch.linalg.svd(matrix, full_matrices=False)
+    parts = {"orig": weight.detach().double(), "g": torch.full(like.shape, float(values[0]), dtype=torch.float64),
+             "u": left[:, 0], "v": right[0]}
+    return parts[part].to(like.dtype).reshape(like.shape).clone()
+
+
 def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) -> tuple[dict, list[tuple]]:
     """``deq_state`` (a freshly built DEQ's state dict) with every tensor that has an explicit
     counterpart replaced: DEQ block j <- explicit block ``blocks[j]``. Returns the new state
@@ -82,6 +103,12 @@ def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) 
     for key, value in deq_state.items():
         match = BLOCK.match(key)
         source = f"backbone.blocks.{blocks[int(match.group(1))]}.{match.group(2)}" if match else key
+        spectral = SPECTRAL_PART.match(source)
+        if spectral and spectral.group(1) in explicit and _spectral_normed(deq_state, key):
+            base = spectral.group(1)
+            state[key] = spectral_norm_part(spectral.group(2), explicit[base], value)
+            rows.append((key, base))
+            continue
         if source not in explicit:
             if not key.startswith("backbone.deq_"):
                 raise MappingError(f"{key}: the explicit checkpoint has no {source} (its heads must be EquiformerV2's "
