@@ -156,18 +156,30 @@ def run_md(checkpoint, system, start, steps, temperature, warm=None, calc=None):
         return follow(dyn, atoms, calc, steps)
 
 
+def median_of_known(values: list) -> float | None:
+    """The median of the values that were measured (None: nothing to time)."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
+def shown(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def summary(repeats: list[list[dict]]) -> dict:
     """Solver evaluations on the first (cold) call and per later step; wall time per step
     (the first call, which builds the model's caches, excluded) and per run: the median over
-    the repeats (each a list of runs), with every repeat's step time kept."""
+    the repeats (each a list of runs), with every repeat's step time kept. A repeat whose
+    relaxations all stop at the first call (already below fmax) has no step to time: None."""
     runs = [run for repeat in repeats for run in repeat]
-    step = [float(np.mean([t for run in repeat for t in run["time"]])) for repeat in repeats]
+    step = [float(np.mean(times)) if (times := [t for run in repeat for t in run["time"]]) else None
+            for repeat in repeats]
     per_run = [float(np.sum([t for run in repeat for t in run["time"]]) / len(repeat)) for repeat in repeats]
     result = {
         "runs": len(repeats[0]),
         "repeats": len(repeats),
         "steps": sum(len(run["nstep"]) for run in repeats[0]),
-        "wall_time_per_step_s": float(np.median(step)),
+        "wall_time_per_step_s": median_of_known(step),
         "wall_time_per_run_s": float(np.median(per_run)),
         "wall_time_per_step_s_each_repeat": step,
     }
@@ -368,8 +380,9 @@ def main(argv=None):
         for key, baseline in (("step_ratio_to_explicit", EXPLICIT),
                               ("step_ratio_to_explicit_no_autograd", EXPLICIT_NO_AUTOGRAD)):
             result[key] = {
-                name: {part: float(np.median(np.array(result[part][name]["wall_time_per_step_s_each_repeat"])
-                                             / np.array(result[part][baseline]["wall_time_per_step_s_each_repeat"])))
+                name: {part: median_of_known([None if None in pair else pair[0] / pair[1] for pair in zip(
+                    result[part][name]["wall_time_per_step_s_each_repeat"],
+                    result[part][baseline]["wall_time_per_step_s_each_repeat"])])
                        for part in ("relaxations", "md")} for name in runs if name not in EXPLICITS}
     result["breakdown_md"] = {
         name: breakdown(args.explicit_checkpoint if start in EXPLICITS else args.checkpoint, systems[0], start,
@@ -412,8 +425,8 @@ def markdown(result: dict) -> str:
         else:
             label = f"DEQ {name}"
         r, m = relax[name], md[name]
-        lines.append(f"| {label} | {' | '.join(evals(relax, name))} | {r['wall_time_per_step_s']:.3f} | "
-                     f"{r['wall_time_per_run_s']:.2f} | {' | '.join(evals(md, name))} | {m['wall_time_per_step_s']:.3f} |")
+        lines.append(f"| {label} | {' | '.join(evals(relax, name))} | {shown(r['wall_time_per_step_s'], 3)} | "
+                     f"{r['wall_time_per_run_s']:.2f} | {' | '.join(evals(md, name))} | {shown(m['wall_time_per_step_s'], 3)} |")
     for key in ("reuse_vs_cold", "reuse_vs_cold_warm_tol"):
         if key not in result:
             continue
@@ -437,8 +450,8 @@ def markdown(result: dict) -> str:
                           ("step_ratio_to_explicit_no_autograd", "explicit step without autograd")):
         for name, ratio in result.get(key, {}).items():
             if name not in ("cold", "extrapolate"):
-                lines += ["", f"DEQ {name} step / {baseline}: {ratio['relaxations']:.2f} (relaxations), "
-                          f"{ratio['md']:.2f} (MD); median of {repeats} round-robin repeats."]
+                lines += ["", f"DEQ {name} step / {baseline}: {shown(ratio['relaxations'], 2)} (relaxations), "
+                          f"{shown(ratio['md'], 2)} (MD); median of {repeats} round-robin repeats."]
     if "breakdown_md" in result:
         names = list(result["breakdown_md"])
         parts = list(result["breakdown_md"][names[0]]["ms_per_step"])

@@ -58,6 +58,11 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
             <= max(part["wall_time_per_step_s_each_repeat"])
     assert set(result["step_ratio_to_explicit"]) == set(md) - {"explicit", "explicit, no autograd"}
     assert set(result["step_ratio_to_explicit_no_autograd"]) == set(result["step_ratio_to_explicit"])
+    # the untrained explicit baseline's relaxations stop at their first call (forces below fmax):
+    # no step to time, so no relaxation ratio (None, '-' in the table), never NaN
+    assert result["relaxations"]["explicit"]["steps"] == 2 and result["relaxations"]["explicit"]["wall_time_per_step_s"] is None
+    assert all(r["relaxations"] is None and r["md"] > 0 for r in result["step_ratio_to_explicit"].values())
+    assert "NaN" not in (tmp_path / "reuse.json").read_text() and "nan" not in (tmp_path / "reuse.md").read_text()
     assert max(result["explicit_no_autograd_max_abs_diff"].values()) <= 1e-4  # same predictions, less work
     # the breakdown times the blocks: a cold DEQ step runs its one block once per evaluation, the
     # one-evaluation step once, the 2-block explicit model twice
