@@ -76,15 +76,13 @@ def _spectral_normed(deq_state: dict, key: str) -> bool:
     return f"{base}_orig" in deq_state and f"{base}_u" in deq_state
 
 
-def spectral_norm_part(part: str, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """One tensor of torchdeq's spectral norm (weight = orig * g / sigma, sigma = u^T orig v)
-    set up to give back the explicit ``weight`` exactly: orig = W, u and v its top singular
-    vectors (so sigma is exact), g = sigma for every row."""
+def spectral_norm_parts(weight: torch.Tensor) -> dict:
+    """torchdeq's spectral norm (weight = orig * g / sigma, sigma = u^T orig v) set up to give
+    back the explicit ``weight`` exactly: orig = W, u and v its top singular vectors (so
+    sigma is exact), g = sigma for every row (a scalar: broadcast to g's shape; float64)."""
     matrix = weight.detach().reshape(weight.shape[0], -1).double()
     left, values, right = torch.linalg.svd(matrix, full_matrices=False)
-    parts = {"orig": weight.detach().double(), "g": torch.full(like.shape, float(values[0]), dtype=torch.float64),
-             "u": left[:, 0], "v": right[0]}
-    return parts[part].to(like.dtype).reshape(like.shape).clone()
+    return {"orig": weight.detach().double(), "g": values[0], "u": left[:, 0], "v": right[0]}
 
 
 def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) -> tuple[dict, list[tuple]]:
@@ -99,14 +97,17 @@ def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) 
     for index in blocks:
         if index not in explicit_blocks:
             raise MappingError(f"explicit block {index} does not exist: the explicit model has blocks {explicit_blocks}")
-    state, rows = {}, []
+    state, rows, spectral_parts = {}, [], {}
     for key, value in deq_state.items():
         match = BLOCK.match(key)
         source = f"backbone.blocks.{blocks[int(match.group(1))]}.{match.group(2)}" if match else key
         spectral = SPECTRAL_PART.match(source)
         if spectral and spectral.group(1) in explicit and _spectral_normed(deq_state, key):
             base = spectral.group(1)
-            state[key] = spectral_norm_part(spectral.group(2), explicit[base], value)
+            if base not in spectral_parts:  # one SVD per layer, for its four tensors
+                spectral_parts[base] = spectral_norm_parts(explicit[base])
+            part = spectral_parts[base][spectral.group(2)]
+            state[key] = torch.broadcast_to(part, value.shape).to(value.dtype).clone()
             rows.append((key, base))
             continue
         if source not in explicit:
