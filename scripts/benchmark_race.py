@@ -22,6 +22,7 @@ import contextlib
 import glob
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -90,23 +91,39 @@ def train(config_path: str, overrides: list[str], run_dir: Path, budget: float, 
                "--cpu", "--run-dir", str(run_dir), "--identifier", "race",
                f"optim.max_train_seconds={budget}", f"optim.eval_every_seconds={interval}",
                "optim.max_epochs=100000", "optim.eval_every=1000000000", "logger=tensorboard", *overrides]
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    load_after = os.getloadavg()[0]
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
     found = glob.glob(str(run_dir / "results" / "*" / "validation_clock.json"))
     if len(found) != 1:
         raise RuntimeError(f"expected one validation_clock.json under {run_dir}/results, found {found}")
+    # 1-minute load averages: a run alone on the machine ends near its own thread count; more
+    # means other work shared the cores and its step times (and steps in the budget) suffered
     return {"command": " ".join(command[1:]), "process_seconds": round(time.perf_counter() - started, 1),
+            "load_average": {"before": round(load_before, 2), "at_end": round(load_after, 2)},
             "validations": json.loads(Path(found[0]).read_text())}
+
+
+def cpu_model() -> str:
+    """What the runs ran on: step times are comparable only on the same CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict) -> str:
     jobs = result.get("jobs", 1)
     side = "one run at a time" if jobs == 1 else f"{jobs} runs side by side, each with 1/{jobs} of the threads"
     lines = [f"Training budget {result['budget_s']:.0f} s per model, validation every {result['interval_s']:.0f} s "
-             f"of training time, {side} (`{result['command']}`).", ""]
+             f"of training time, {side}" + (f", on {result['cpu']}" if "cpu" in result else "")
+             + f" (`{result['command']}`).", ""]
     for dataset, part in result["datasets"].items():
         base = part["baselines"]
         lines += [f"**{dataset}** (baselines on the same validation frames: zero forces "
@@ -116,8 +133,8 @@ def markdown(result: dict) -> str:
                      if part.get("command", result["command"]) != result["command"] else ""), "",
                   "| model | steps | s / step | val force MAE | / zero-force baseline | val energy MAE "
                   "| / mean-energy baseline | best val force MAE | train solver evals | train unconverged "
-                  "| val solver evals | val unconverged | contraction |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| val solver evals | val unconverged | contraction | load at end |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, run in part["models"].items():
             last = run["validations"][-1]
             best = min(v["forces_mae"] for v in run["validations"])
@@ -128,7 +145,8 @@ def markdown(result: dict) -> str:
                          f"{last['forces_mae']:.4f} | {last['forces_mae'] / base['zero_forces_mae']:.2f} | "
                          f"{last['energy_mae']:.4f} | {last['energy_mae'] / base['mean_energy_mae']:.2f} | {best:.4f} | "
                          f"{opt('train_deq_nstep', '{:.1f}')} | {opt('train_deq_unconverged', '{:.0%}')} | "
-                         f"{opt('deq_nstep', '{:.1f}')} | {opt('deq_unconverged', '{:.0%}')} | {opt('deq_contraction', '{:.2f}')} |")
+                         f"{opt('deq_nstep', '{:.1f}')} | {opt('deq_unconverged', '{:.0%}')} | {opt('deq_contraction', '{:.2f}')} | "
+                         f"{run['load_average']['at_end'] if 'load_average' in run else '-'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -188,7 +206,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     models = {}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # empty: variants only
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {list(MODELS)}")
         models[name] = MODELS[name]
@@ -198,7 +216,7 @@ def main(argv=None):
             parser.error(f"--variant {spec!r}: expected NAME=key=value[,key=value]")
         models[name] = ("deq", overrides.split(","))
     result = {"command": "python scripts/benchmark_race.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "budget_s": args.budget, "interval_s": args.interval, "cpu_threads": os.cpu_count(), "datasets": {}}
+              "budget_s": args.budget, "interval_s": args.interval, "cpu_threads": os.cpu_count(), "cpu": cpu_model(), "datasets": {}}
     work = Path(args.work_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     threads = max((os.cpu_count() or 1) // args.jobs, 1) if args.jobs > 1 else None
     result["jobs"] = args.jobs

@@ -14,7 +14,9 @@ from ocp_deq.data import read_lmdb
 
 BUDGET, INTERVAL = 5.0, 2.0
 CHEAP_DEQ = ["model.deq.train_start.enabled=True", "model.deq.train_solver.max_iter=6",
-             "model.deq.eval_solver.max_iter=6", "model.deq.contraction_iters=2"]
+             "model.deq.eval_solver.max_iter=6", "model.deq.contraction_iters=2",
+             # the contraction penalty through the real trainer (its loss and training metric)
+             "model.deq.jacobian.weight=1", "model.deq.jacobian.kind=spectral", "model.deq.jacobian.target=0.01"]
 
 
 def test_race_trains_each_model_for_the_budget_and_records_validations(toy_root, tmp_path):
@@ -51,7 +53,8 @@ def test_race_trains_each_model_for_the_budget_and_records_validations(toy_root,
     mean_energy = np.mean([float(f.energy) for f in train])
     assert abs(part["baselines"]["mean_energy_mae"] - np.mean([abs(float(f.energy) - mean_energy) for f in val])) < 1e-6
     assert np.isfinite(part["baselines"]["composition_energy_mae"]) and part["baselines"]["composition_energy_mae"] > 0
-    assert result["jobs"] == 2
+    assert result["jobs"] == 2 and result["cpu"]
+    assert all(run["load_average"]["at_end"] >= 0 for run in part["models"].values())
     table = out.with_suffix(".md").read_text()
     assert "| DEQ-warm |" in table and "| explicit-1 |" in table and out.with_suffix(".png").stat().st_size > 10000
     # --keep: a dataset not rerun is carried over whole, naming the command that measured it

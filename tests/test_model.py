@@ -161,6 +161,10 @@ def test_unknown_deq_option_is_a_clear_error():
         DEQSettings.from_config({"form": "residual"})
     with pytest.raises(DEQConfigError, match=r"model.deq.update_gain must be > 0, got 0.0"):
         DEQSettings.from_config({"update_gain": "0"})
+    with pytest.raises(DEQConfigError, match=r"model.deq.jacobian.kind='trace' must be one of \('frobenius', 'spectral'\)"):
+        DEQSettings.from_config({"jacobian": {"kind": "trace"}})
+    with pytest.raises(DEQConfigError, match=r"model.deq.jacobian: need 0 < target < 1 .* got target=1.5"):
+        DEQSettings.from_config({"jacobian": {"kind": "spectral", "target": 1.5}})
 
 
 def test_boolean_options_take_command_line_spellings():

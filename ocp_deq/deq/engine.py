@@ -12,7 +12,7 @@ import torch
 from torchdeq.loss import jac_reg
 
 from ocp_deq.deq import gradients
-from ocp_deq.deq.contraction import spectral_radius
+from ocp_deq.deq.contraction import contraction_penalty, spectral_radius
 from ocp_deq.deq.problem import FixedPointProblem
 from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQSettings, SolverSettings
@@ -121,8 +121,14 @@ def equilibrium(problem: FixedPointProblem, settings: DEQSettings, like: torch.T
             result.states = [gradients.phantom(problem, s, settings.grad_steps, settings.grad_tau)
                              for s in solution.states]
     if needs_grad and training and _jacobian_due(settings):
-        zj = solution.z.detach().requires_grad_()
-        result.jacobian_loss = jac_reg(problem.f(zj), zj, vecs=int(settings.jacobian.vectors))
+        jac = settings.jacobian
+        if jac.kind == "spectral":
+            result.jacobian_loss, rho = contraction_penalty(problem, solution.z, int(jac.power_iters), float(jac.target))
+            if jac.freq >= 1:  # a training metric only when every step (on every rank) has it
+                result.contraction = rho
+        else:
+            zj = solution.z.detach().requires_grad_()
+            result.jacobian_loss = jac_reg(problem.f(zj), zj, vecs=int(jac.vectors))
     if contraction_iters > 0:
         result.contraction = spectral_radius(problem, solution.z, contraction_iters)
     if cache is not None:

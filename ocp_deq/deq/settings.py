@@ -106,17 +106,36 @@ class CorrectionSettings:
             raise DEQConfigError(f"{where}.decay must be in (0, 1], got {self.decay}")
 
 
+JACOBIAN_KINDS = ("frobenius", "spectral")
+
+
 @dataclass
 class JacobianSettings:
-    """Jacobian regularisation: weight * ||df/dz||_F^2 / dim (Hutchinson), every 1/freq steps."""
+    """Jacobian regularisation at z*, weight * penalty every 1/freq training steps.
+
+    ``kind: frobenius``: ||df/dz||_F^2 / dim (Hutchinson, ``vectors`` probes), the mean
+    squared singular value. ``kind: spectral``: relu(rho - target)^2 per graph, rho the
+    contraction estimated by ``power_iters`` power-iteration steps (the last one
+    differentiated): it pushes on the slowest mode, which sets the solver's evaluations,
+    and only where rho exceeds ``target``; with ``freq: 1`` the training solves' rho is then
+    logged as ``deq_contraction``.
+    """
 
     weight: float = 0.0
     freq: float = 1.0
     vectors: int = 1
+    kind: str = "frobenius"
+    target: float = 0.5
+    power_iters: int = 4
 
     def validate(self, where: str) -> None:
         if self.weight < 0 or not 0 <= self.freq <= 1 or int(self.vectors) < 1:
             raise DEQConfigError(f"{where}: need weight >= 0, 0 <= freq <= 1, vectors >= 1")
+        if self.kind not in JACOBIAN_KINDS:
+            raise DEQConfigError(f"{where}.kind='{self.kind}' must be one of {JACOBIAN_KINDS}")
+        if not 0 < self.target < 1 or int(self.power_iters) < 1:
+            raise DEQConfigError(f"{where}: need 0 < target < 1 and power_iters >= 1, "
+                                 f"got target={self.target}, power_iters={self.power_iters}")
 
 
 START_STRATEGIES = ("plain", "extrapolate")
