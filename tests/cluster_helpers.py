@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from conftest import REPO, make_config
+from conftest import REPO, make_config, run_command
 from ocp_deq.data import read_lmdb, write_lmdb
 
 # Two CPU cores: one thread per process (2 threads each oversubscribe the cores and make
@@ -43,7 +42,7 @@ def main_command(*args) -> list[str]:
 
 def run_main(*args, cwd: Path) -> str:
     """Run main.py to the end; its stdout + stderr (an AssertionError with the tail if it fails)."""
-    proc = subprocess.run(main_command(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{log[-8000:]}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 import ocp_deq  # noqa: F401  (stand-ins + registry)
+from cli_server import CommandServer
 from fairchem.core.common.utils import load_config
 from ocp_deq.data.toy_s2ef import ToySpec, generate_toy_data
 
@@ -66,11 +67,25 @@ def make_config(directory: Path, data_root: Path, config_name: str = "deq_equifo
     return path
 
 
+_server: CommandServer | None = None
+
+
+def run_command(script: Path, *args, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python script args`` in its own process, forked from one pre-imported server (no
+    ~10 s start-up per command; see cli_server.py)."""
+    global _server
+    if _server is None:
+        _server = CommandServer(Path(tempfile.mkdtemp(prefix="ocp_deq_commands_")))
+    return _server.run(script, args, cwd=cwd, env=env, timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _server is not None:
+        _server.close()
+
+
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=900,
-    )
+    proc = run_command(REPO / "main.py", *args, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import REPO, run_command
 
 
 def test_benchmark_measures_each_configuration(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark_memory.py"), "--sizes", "1,2", "--gradients", "phantom",
-         "--model-sizes", "8:2:2", "--batch", "1", "--steps", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = run_command(REPO / "scripts" / "benchmark_memory.py", "--sizes", "1,2", "--gradients", "phantom",
+                       "--model-sizes", "8:2:2", "--batch", "1", "--steps", "1", "--out", tmp_path, cwd=tmp_path,
+                       timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[3/3] width 8, lmax 2, mmax 2: phantom, 1 block(s) ..." in proc.stdout  # progress
     rows = json.loads((tmp_path / "memory.json").read_text())

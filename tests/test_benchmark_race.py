@@ -4,12 +4,10 @@ the training clock, baselines, outputs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, run_command
 from ocp_deq.data import read_lmdb
 
 BUDGET, INTERVAL = 5.0, 2.0
@@ -24,11 +22,11 @@ def test_race_trains_each_model_for_the_budget_and_records_validations(toy_root,
                  *(f"dataset.{split}.src={toy_root / split}" for split in ("train", "val", "test", "relax")),
                  *(f"model.{key}={value}" for key, value in TINY_MODEL.items())]
     out = tmp_path / "race"
-    command = [sys.executable, str(REPO / "scripts" / "benchmark_race.py"), "--budget", str(BUDGET),
+    command = ["--budget", str(BUDGET),
                "--interval", str(INTERVAL), "--jobs", "2", "--datasets", "s2ef", "--models", "explicit-1",
                "--variant", f"DEQ-warm={','.join(CHEAP_DEQ)}",
                "--work-dir", str(tmp_path / "runs"), "--out", str(out), *(f"--override={o}" for o in overrides)]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = run_command(REPO / "scripts" / "benchmark_race.py", *command, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.with_suffix(".json").read_text())
     part = result["datasets"]["s2ef"]

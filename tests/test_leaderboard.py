@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from torch_geometric.data import Data
 import ocp_deq  # noqa: F401  (before fairchem)
 from fairchem.core.modules.evaluator import Evaluator
 from ocp_deq import leaderboard as lb
-from conftest import REPO, load_script
+from conftest import REPO, load_script, run_command
 from ocp_deq.data import write_lmdb
 
 
@@ -378,10 +376,10 @@ def test_scripts_command_line(s2ef_files, labelled, tmp_path):
         "reject": ["make_submission_file.py", "--validate", broken],
         "evaluate": ["evaluate_s2ef.py", "--split", "val_id", pred_path, lmdb, "--json", metrics_json],
     }
-    procs = {name: subprocess.Popen([sys.executable, f"scripts/{cmd[0]}", *map(str, cmd[1:])], cwd=REPO,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, cmd in commands.items()}
-    done = {name: (*proc.communicate(timeout=300), proc.returncode) for name, proc in procs.items()}
+    done = {}
+    for name, (script, *args) in commands.items():
+        proc = run_command(REPO / "scripts" / script, *args, cwd=REPO, timeout=300)
+        done[name] = proc.stdout, proc.stderr, proc.returncode
 
     stdout, stderr, code = done["merge"]
     assert code == 0, stderr
