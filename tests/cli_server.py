@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,7 @@ class CommandServer:
         self._proc.stdin.close()
         self._proc.wait(timeout=60)
         self._log.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
