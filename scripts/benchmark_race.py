@@ -49,7 +49,11 @@ MODELS = {  # name -> (DEQ or explicit config, overrides); the DEQ iterates 1 bl
     "explicit-1": ("explicit", ["model.num_layers=1"]),
     "explicit-4": ("explicit", ["model.num_layers=4"]),
     "explicit-8": ("explicit", ["model.num_layers=8"]),
+    # the per-atom force head (ocp_deq.models.node_force_head) on both sides
+    "DEQ-node-head": ("deq", ["model.force_head=node"]),
+    "explicit-4-node-head": ("explicit", ["model.name=equiformer_v2_node_head", "model.num_layers=4"]),
 }
+DEFAULT_MODELS = ("DEQ", "explicit-1", "explicit-4", "explicit-8")
 
 
 def resolved_config(path: str, overrides: list[str]) -> dict:
@@ -190,7 +194,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per model")
     parser.add_argument("--interval", type=float, default=30.0, help="validate every this many training seconds")
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {list(DATASETS)}")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated, of {list(MODELS)}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="extra DEQ run: NAME=key=value,key=value (repeatable)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

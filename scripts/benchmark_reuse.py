@@ -93,8 +93,11 @@ def calculator(checkpoint: str, start: str | None, warm: dict | None = None):
     if start in (EXPLICIT, EXPLICIT_NO_AUTOGRAD):
         calc = OCPCalculator(checkpoint_path=checkpoint, cpu=True, seed=0)
         if start == EXPLICIT_NO_AUTOGRAD:
-            calc.trainer._unwrapped_model.direct_forces = True
-            band_gaussians(calc.trainer._unwrapped_model)
+            model = calc.trainer._unwrapped_model
+            for part in (model, getattr(model, "backbone", None)):  # hydra: the backbone decides
+                if part is not None:
+                    part.direct_forces = True
+            band_gaussians(model)
         return calc
     calc = DEQCalculator(checkpoint_path=checkpoint, cpu=True, seed=0, reuse=start is not None)
     if start is not None:
@@ -264,7 +267,7 @@ def model_parts(calc) -> dict[str, list[torch.nn.Module]]:
     """The modules whose time the breakdown reports: the transformer blocks (each f
     evaluation of the DEQ runs its one block), the force and the energy head."""
     model = calc.trainer._unwrapped_model
-    if isinstance(calc, DEQCalculator):
+    if hasattr(model, "output_heads"):  # hydra layout: the DEQ, explicit backbone-and-heads models
         return {"blocks": list(model.backbone.blocks), "force head": [model.output_heads["forces"]],
                 "energy head": [model.output_heads["energy"]]}
     return {"blocks": list(model.blocks), "force head": [model.force_block], "energy head": [model.energy_block]}
@@ -305,7 +308,7 @@ def breakdown(checkpoint, system, start, steps, temperature, warm=None) -> dict:
 
 
 DEQ_MODELS = ("deq_equiformer_v2",)
-EXPLICIT_MODELS = ("equiformer_v2", "equiformer_v2_backbone_and_heads")
+EXPLICIT_MODELS = ("equiformer_v2", "equiformer_v2_backbone_and_heads", "equiformer_v2_node_head")
 
 
 def checkpoint_model(path, allowed: tuple, parser) -> dict:
@@ -318,7 +321,8 @@ def checkpoint_model(path, allowed: tuple, parser) -> dict:
         parser.error(str(error))
     if model.get("name") not in allowed:
         parser.error(f"{path} holds a '{model.get('name')}' model; expected one of {allowed}")
-    out = {"path": str(path), "model": model["name"], "num_layers": model.get("num_layers")}
+    out = {"path": str(path), "model": model["name"], "num_layers": model.get("num_layers"),
+           "force_head": "node" if model["name"] == "equiformer_v2_node_head" else model.get("force_head", "attention")}
     if model["name"] in DEQ_MODELS:
         from ocp_deq.deq.settings import DEQSettings
 
@@ -425,10 +429,14 @@ def markdown(result: dict) -> str:
 
     for name in relax:
         if name in EXPLICITS:
-            label = f"explicit EquiformerV2 ({result['checkpoints']['explicit']['num_layers']} blocks)"
+            explicit = result["checkpoints"]["explicit"]
+            label = f"explicit EquiformerV2 ({explicit['num_layers']} blocks"
+            label += ", node force head)" if explicit.get("force_head") == "node" else ")"
             label += ", no autograd, banded Gaussians" if name == EXPLICIT_NO_AUTOGRAD else ""
         else:
             label = f"DEQ {name}"
+            if result["checkpoints"]["deq"].get("force_head") == "node":
+                label = label.replace("DEQ", "DEQ (node force head)", 1)
         r, m = relax[name], md[name]
         lines.append(f"| {label} | {' | '.join(evals(relax, name))} | {shown(r['wall_time_per_step_s'], 3)} | "
                      f"{r['wall_time_per_run_s']:.2f} | {' | '.join(evals(md, name))} | {shown(m['wall_time_per_step_s'], 3)} |")

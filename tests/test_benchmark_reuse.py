@@ -17,7 +17,7 @@ def explicit_checkpoint(deq_checkpoint, path, layers: int = 2):
     from fairchem.core.common.registry import registry
 
     checkpoint = torch.load(deq_checkpoint, map_location="cpu", weights_only=True)
-    model = {k: v for k, v in checkpoint["config"]["model"].items() if k not in ("deq", "force_mode")}
+    model = {k: v for k, v in checkpoint["config"]["model"].items() if k not in ("deq", "force_mode", "force_head")}
     model.update(name="equiformer_v2", num_layers=layers)
     torch.manual_seed(0)
     explicit = registry.get_model_class("equiformer_v2")(**{k: v for k, v in model.items() if k != "name"})

@@ -48,17 +48,19 @@ def rotation_errors(model, frame, seed):
     return float(force_err), float(energy_err), float(unrotated_err)
 
 
-def test_rotation_equivariance_within_explicit_equiformer_bound(frames):
+@pytest.mark.parametrize("force_head", ["attention", "node"])
+def test_rotation_equivariance_within_explicit_equiformer_bound(frames, force_head):
     """Energy invariant and forces rotate, as well as fairchem's own EquiformerV2 manages.
 
     EquiformerV2 is only approximately equivariant (grid S2 activations), so the bound is
     set by the explicit 4-block EquiformerV2 of the same width on the same structure and
     rotations (measured: ~1e-4 relative force error at lmax 2 / mmax 2 in float32). A fixed
     point amplifies a per-iteration error by up to 1/(1 - contraction rate) (measured 1-4x
-    here), hence the factor 10.
+    here), hence the factor 10. Both force heads: the edge-attention one and the per-atom one.
     """
     frame = frames[3]
-    deq = build("deq_equiformer_v2", num_layers=1, deq={"eval_solver": {"tol": 1e-5, "max_iter": 150}})
+    deq = build("deq_equiformer_v2", num_layers=1, force_head=force_head,
+                deq={"eval_solver": {"tol": 1e-5, "max_iter": 150}})
     explicit = build("equiformer_v2", num_layers=4)
     deq_errs = [rotation_errors(deq, frame, seed) for seed in range(3)]
     ref_errs = [rotation_errors(explicit, frame, seed) for seed in range(3)]
@@ -188,3 +190,50 @@ def test_numeric_options_accept_yaml_exponent_strings_and_name_bad_values():
         DEQSettings.from_config({"eval_solver": {"tol": "abc"}})
     with pytest.raises(DEQConfigError, match=r"model.deq.train_solver.max_iter must be a whole number"):
         DEQSettings.from_config({"train_solver": {"max_iter": 2.5}})
+
+
+def test_node_force_head_reads_each_atom_alone(frames):
+    """``force_head: node``: an atom's force is a function of its own embedding only (no
+    edges), so changing one atom's embedding changes that atom's force and no other; the
+    attention head mixes neighbours. A bad name is a clear error; conservative forces freeze
+    the head like the attention head (DDP would wait for its gradients)."""
+    batch = data_list_collater(frames[:1], otf_graph=True)
+    for head, local in (("node", True), ("attention", False)):
+        model = build("deq_equiformer_v2", num_layers=1, force_head=head)
+        torch.manual_seed(5)
+        emb = model.backbone(batch)
+        before = model.predict(batch, emb)["forces"]
+        emb["node_embedding"].embedding[0] += 0.5
+        torch.manual_seed(5)
+        after = model.predict(batch, emb)["forces"]
+        changed = (after - before).norm(dim=1) > 1e-6
+        assert bool(changed[0])
+        assert bool((~changed[1:]).all()) == local, (head, changed)
+    # the explicit baseline with the same head: rotates like fairchem's explicit model
+    explicit = build("equiformer_v2_node_head", num_layers=2)
+    errors = [rotation_errors(explicit, frames[3], seed) for seed in range(2)]
+    assert all(force < 1e-3 and energy < 1e-4 and unrotated > 0.1 for force, energy, unrotated in errors), errors
+    with pytest.raises(DEQConfigError, match=r"model.force_head='edge' must be one of \('attention', 'node'\)"):
+        build("deq_equiformer_v2", force_head="edge")
+    conservative = build("deq_equiformer_v2", force_head="node", force_mode="conservative")
+    assert not any(p.requires_grad for p in conservative.output_heads["forces"].parameters())
+
+
+def test_node_force_head_maps_from_an_explicit_model_with_it():
+    """DEQ weights from an explicit EquiformerV2 (``from_explicit``): the node head comes from
+    the explicit model's node head; an explicit model with the attention head is refused by name."""
+    from ocp_deq.models.from_explicit import MappingError, deq_state_from_explicit, hydra_name
+
+    deq = build("deq_equiformer_v2", num_layers=1, force_head="node")
+    for name, matches in (("equiformer_v2_node_head", True), ("equiformer_v2", False)):
+        torch.manual_seed(1)
+        explicit = {hydra_name(k): v for k, v in build(name, num_layers=2).state_dict().items()}
+        if not matches:
+            with pytest.raises(MappingError, match=r"output_heads.forces.node_force_block.* has no .*node_force_block"):
+                deq_state_from_explicit(deq.state_dict(), explicit, [1])
+            continue
+        state, _ = deq_state_from_explicit(deq.state_dict(), explicit, [1])
+        head = [k for k in state if k.startswith("output_heads.forces.node_force_block.")]
+        assert head and all(torch.equal(state[k], explicit[k]) for k in head)
+        assert torch.equal(state["backbone.blocks.0.ga.so2_conv_1.fc_m0.weight"],
+                           explicit["backbone.blocks.1.ga.so2_conv_1.fc_m0.weight"])

@@ -30,6 +30,7 @@ from ocp_deq.models.edge_frames import attach_position_gradient
 
 STOCHASTIC_OPTIONS = ("alpha_drop", "drop_path_rate", "proj_drop")
 FORCE_MODES = ("direct", "conservative")
+FORCE_HEADS = {"attention": "equiformerV2_vector_head", "node": "node_vector_head"}
 
 
 class InvalidStructureError(ValueError):
@@ -303,20 +304,25 @@ class DEQEquiformerV2(HydraModel):
     heads, so checkpoints work with fairchem's hydra fine-tuning. ``force_mode``:
     ``direct`` (the l=1 head) or ``conservative`` (-dE/dpos through the fixed point by
     implicit differentiation). The force head exists in both modes, so a direct-force
-    checkpoint fine-tunes with ``model.force_mode=conservative`` and back.
+    checkpoint fine-tunes with ``model.force_mode=conservative`` and back. ``force_head``:
+    ``attention`` (fairchem's edge-attention head, about one block evaluation per forward)
+    or ``node`` (:mod:`ocp_deq.models.node_force_head`, per atom, no edges).
 
     Outputs ``energy`` [B], ``forces`` [N, 3], the per-graph solver statistics
     ``deq_nstep``, ``deq_residual``, ``deq_converged`` [B] and, in training, the DEQ loss
     terms ``deq_correction`` (predictions on earlier solver states) and ``deq_jac_loss``.
     """
 
-    def __init__(self, energy_reduce: str = "sum", force_mode: str = "direct", **backbone_kwargs):
+    def __init__(self, energy_reduce: str = "sum", force_mode: str = "direct", force_head: str = "attention",
+                 **backbone_kwargs):
         if force_mode not in FORCE_MODES:
             raise DEQConfigError(f"model.force_mode='{force_mode}' must be one of {FORCE_MODES}")
+        if force_head not in FORCE_HEADS:
+            raise DEQConfigError(f"model.force_head='{force_head}' must be one of {tuple(FORCE_HEADS)}")
         heads = {"energy": {"module": "equiformerV2_scalar_head", "reduce": energy_reduce}}
         self.regress_forces = backbone_kwargs.get("regress_forces", True)
         if self.regress_forces:
-            heads["forces"] = {"module": "equiformerV2_vector_head"}
+            heads["forces"] = {"module": FORCE_HEADS[force_head]}
         super().__init__(
             backbone={"model": "deq_equiformer_v2_backbone", **backbone_kwargs},
             heads=heads,

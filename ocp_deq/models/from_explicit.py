@@ -29,7 +29,7 @@ class MappingError(ValueError):
 def hydra_name(key: str) -> str:
     """An explicit model's parameter name in the hydra layout our DEQ uses."""
     key = key.removeprefix("module.")
-    for block, head in (("energy_block.", "energy"), ("force_block.", "forces")):
+    for block, head in (("energy_block.", "energy"), ("force_block.", "forces"), ("node_force_block.", "forces")):
         if key.startswith(block):  # old-style: heads at the top level
             return f"output_heads.{head}.{key}"
         match = re.match(rf"^output_heads\.[^.]+\.({re.escape(block)}.*)$", key)
@@ -113,7 +113,8 @@ def deq_state_from_explicit(deq_state: dict, explicit: dict, blocks: list[int]) 
         if source not in explicit:
             if not key.startswith("backbone.deq_"):
                 raise MappingError(f"{key}: the explicit checkpoint has no {source} (its heads must be EquiformerV2's "
-                                   "energy and force heads: energy_block / force_block)")
+                                   "energy and force heads: energy_block / force_block, or node_force_block "
+                                   "for both models with model.force_head=node)")
             state[key] = value
             rows.append((key, None))
             continue
