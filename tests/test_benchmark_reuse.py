@@ -75,9 +75,10 @@ def test_benchmark_reports_cold_reuse_extrapolate_and_baseline(trained_deq, toy_
     assert calls["cold"] > calls["reuse, 1 evaluation (cost floor)"] >= 1.0
     assert len(result["md_nstep_trace"]["reuse"]) == 6
     assert result["checkpoints"]["deq"] == {"path": str(checkpoint), "model": "deq_equiformer_v2", "num_layers": 1,
-                                            "reuse_refine_fmax": None}
+                                            "force_head": "attention", "reuse_refine_fmax": None}
     assert result["warm_tol_refine_fmax"] == 0.03  # the warm-tol run refines at BFGS's --fmax by default
-    assert result["checkpoints"]["explicit"] == {"path": str(explicit), "model": "equiformer_v2", "num_layers": 2}
+    assert result["checkpoints"]["explicit"] == {"path": str(explicit), "model": "equiformer_v2", "num_layers": 2,
+                                                 "force_head": "attention"}
     diff = result["reuse_vs_cold"]
     assert diff["frames"] == 5 and diff["mean_relative_force"] < 0.25  # same model, solves to the same tolerance
     assert diff["warm_tol"] == 0.01 and result["reuse_vs_cold_warm_tol"]["warm_tol"] == 0.05
