@@ -10,10 +10,17 @@ keep checking a real fresh interpreter start-up.
 
 Protocol: one JSON request per line on the server's stdin (script, argv, cwd, env, output
 files, timeout), one JSON reply per line on its stdout ({"returncode": int, "timeout": bool}).
+
+A command that times out is first sent SIGABRT, on which every Python process of its group
+(the command and, through PYTHONFAULTHANDLER, the interpreters it spawned, e.g. the ranks of
+a multi-process run) prints all its threads' stacks to the command's stderr: a hang shows
+where it hangs. Then the group is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
 import runpy
@@ -47,6 +54,8 @@ def _run_child(request: dict) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ["PYTHONFAULTHANDLER"] = "1"  # spawned interpreters dump their stacks on SIGABRT too
+    faulthandler.enable()
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # read by the OpenMP runtime at load time: the server loaded it with the default
         import torch
@@ -78,7 +87,10 @@ def _wait(pid: int, timeout: float) -> dict:
         if done:
             return {"returncode": os.waitstatus_to_exitcode(status), "timeout": False}
         if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGABRT)  # stacks to stderr (faulthandler), see the module docstring
+            time.sleep(3)
+            with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+                os.killpg(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return {"returncode": -signal.SIGKILL, "timeout": True}
         time.sleep(0.05)

@@ -36,6 +36,7 @@ def test_runs_like_a_fresh_interpreter(tmp_path, monkeypatch):
     assert "seen before None" in again.stdout  # a module changed by the first run is pristine again
     failed = run_command(script, "raise", cwd=tmp_path)
     assert failed.returncode == 1 and failed.stderr.rstrip().endswith("ValueError: boom")
-    with pytest.raises(subprocess.TimeoutExpired):
+    with pytest.raises(subprocess.TimeoutExpired) as timeout:
         run_command(script, "sleep", cwd=tmp_path, timeout=1)
+    assert f'File "{script}", line 11 in <module>' in timeout.value.stderr  # a timed-out command shows where it hung
     assert run_command(script, 0, cwd=tmp_path).returncode == 0  # the server survives a killed command
