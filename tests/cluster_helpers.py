@@ -41,8 +41,9 @@ def main_command(*args) -> list[str]:
 
 
 def run_main(*args, cwd: Path) -> str:
-    """Run main.py to the end; its stdout + stderr (an AssertionError with the tail if it fails)."""
-    proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV)
+    """Run main.py to the end; its stdout + stderr (an AssertionError with the tail if it fails).
+    These runs take under a minute: 300 s means a hang (its stacks are in the TimeoutExpired)."""
+    proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV, timeout=300)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{log[-8000:]}")
