@@ -23,7 +23,7 @@ from ocp_deq.cli import ConfigError, prepare_data, resolve_config
 from ocp_deq.data import read_lmdb
 from ocp_deq.data.converters import convert_trajectory
 from ocp_deq.data.splits import split_indices
-from ocp_deq.data.toy_molecules import MoleculeSpec, ensure_molecule_data, generate_molecule_data
+from ocp_deq.data.toy_molecules import MoleculeSpec, ensure_molecule_data, generate_molecule_data, simulate
 
 MOLECULE_CONFIGS = sorted(p for p in (REPO / "configs" / "molecules").rglob("*.yml") if p.name != "base.yml")
 TOY_DEQ = REPO / "configs" / "molecules" / "toy" / "deq_equiformer_v2_molecule_toy.yml"
@@ -85,6 +85,27 @@ def test_toy_molecule_is_a_converted_emt_md_trajectory(molecule_root):
     ensure_molecule_data(molecule_root, MoleculeSpec(**SPEC))
     assert (molecule_root / "train" / "data.lmdb").stat().st_mtime_ns == stamp
     assert np.load(molecule_root / "trajectory.npz")["R"].shape == (SPEC["frames"], 9, 3)
+
+
+def test_toy_molecule_does_not_depend_on_last_bits(monkeypatch):
+    """Another CPU's numpy computes EMT's exponentials to different last bits; the chaotic MD
+    would grow that into another trajectory (a 1e-14 A change of the start reaches 1e-10 A in
+    these 350 steps and 1e-3 A in 2000). Noise of that size on every force must leave the
+    data bit for bit the same."""
+    spec = MoleculeSpec(**SPEC)
+    clean = simulate(spec)
+    noise = np.random.default_rng(0)
+    calculate = EMT.calculate
+
+    def last_bit_noise(self, *args, **kwargs):
+        calculate(self, *args, **kwargs)
+        forces = self.results["forces"]
+        self.results["forces"] = forces * (1 + 2e-16 * noise.standard_normal(forces.shape))
+
+    monkeypatch.setattr(EMT, "calculate", last_bit_noise)
+    noisy = simulate(spec)
+    for key in ("R", "E"):
+        assert np.array_equal(clean[key], noisy[key]), key
 
 
 def test_toy_data_block_errors_name_the_problem(tmp_path):

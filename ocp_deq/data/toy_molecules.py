@@ -6,7 +6,12 @@ hold exactly what a converted MD17 file holds: non-periodic frames, ``sid`` 0 fo
 trajectory and ``fid`` = frame index, train / val / test by a split mode of
 :mod:`ocp_deq.data.splits`. The MD starts from the EMT-relaxed molecule (EMT's minimum
 differs from the real geometry; started elsewhere the molecule can break apart) and is
-thermalised before recording. Seeded: the same spec always gives the same data.
+thermalised before recording. Seeded: the same spec always gives the same data, also on
+another CPU: the MD is chaotic (a 1e-14 A change of the start grows to 1e-3 A in 2000 steps
+and to a different trajectory by the end), and CPUs differ in the last bits of numpy's
+``exp`` (SIMD code paths), so the state is rounded to a grid (``state_grid``) after the
+relaxation and every MD step: last-bit differences vanish instead of growing. The relaxation
+runs to fmax 1e-5 eV/A, where last-bit differences leave its end within ~1e-10 A.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class MoleculeSpec:
     n_train: int = 300
     n_val: int = 50
     n_test: int | None = None  # None: the rest
+    state_grid: float = 1e-6  # positions (A) and momenta rounded to this every MD step (see above)
 
     @classmethod
     def from_config(cls, values: dict) -> "MoleculeSpec":
@@ -62,12 +68,19 @@ def simulate(spec: MoleculeSpec) -> dict:
     rng = np.random.default_rng(spec.seed)
     atoms = molecule(spec.molecule)
     atoms.calc = EMT()
-    BFGS(atoms, logfile=None).run(fmax=0.01, steps=500)
+    BFGS(atoms, logfile=None).run(fmax=1e-5, steps=500)
     MaxwellBoltzmannDistribution(atoms, temperature_K=spec.temperature_K, rng=rng)
     Stationary(atoms)
     ZeroRotation(atoms)
     md = Langevin(atoms, spec.timestep_fs * units.fs, temperature_K=spec.temperature_K,
                   friction=0.01 / units.fs, rng=rng, logfile=None)
+
+    def round_state():
+        atoms.set_positions(np.round(atoms.positions / spec.state_grid) * spec.state_grid)
+        atoms.set_momenta(np.round(atoms.get_momenta() / spec.state_grid) * spec.state_grid)
+
+    round_state()
+    md.attach(round_state, interval=1)
     md.run(spec.equilibration_steps)
     positions, energies, forces = [], [], []
     for _ in range(spec.frames):
