@@ -6,7 +6,8 @@ these 2-core machines, which was most of the suite's time. Each command still ru
 own process (own modules' state, own exit status, own stdout/stderr, killed on timeout),
 started by ``os.fork`` from a server that only imported modules (no torch thread pool
 exists yet, so forking is safe). ``tests/test_radius_graph.py`` and ``test_compat.py``
-keep checking a real fresh interpreter start-up.
+keep checking a real fresh interpreter start-up; multi-process runs start in one too
+(:func:`run_fresh`, used by ``cluster_helpers.run_main``).
 
 Protocol: one JSON request per line on the server's stdin (script, argv, cwd, env, output
 files, timeout), one JSON reply per line on its stdout ({"returncode": int, "timeout": bool}).
@@ -108,6 +109,24 @@ def serve() -> None:
         if pid == 0:
             raise _Child(request)
         print(json.dumps(_wait(pid, request["timeout"])), flush=True)
+
+
+def run_fresh(command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``command`` in a fresh interpreter (no fork server), in its own process group, with the
+    same timeout handling as a served command: SIGABRT (stacks, PYTHONFAULTHANDLER), then kill."""
+    with open(os.devnull) as stdin:
+        proc = subprocess.Popen(command, cwd=cwd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        time.sleep(3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 class CommandServer:

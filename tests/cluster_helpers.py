@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from cli_server import run_fresh
 from conftest import REPO, make_config, run_command
 from ocp_deq.data import read_lmdb, write_lmdb
 
@@ -42,8 +43,16 @@ def main_command(*args) -> list[str]:
 
 def run_main(*args, cwd: Path) -> str:
     """Run main.py to the end; its stdout + stderr (an AssertionError with the tail if it fails).
-    These runs take under a minute: 300 s means a hang (its stacks are in the TimeoutExpired)."""
-    proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV, timeout=300)
+    These runs take under a minute: 300 s means a hang (its stacks are in the TimeoutExpired).
+    A multi-process run starts in a fresh interpreter, as a user starts it: its launcher
+    (torch elastic's agent: rendezvous threads, TCP store, worker processes) then never runs in
+    a forked copy of the test server (one such run hung at exit once, not reproduced)."""
+    flags = [str(a) for a in args]
+    ranks = int(flags[flags.index("--num-gpus") + 1]) if "--num-gpus" in flags else 1
+    if ranks > 1:
+        proc = run_fresh(main_command(*args), cwd=cwd, env=ENV, timeout=300)
+    else:
+        proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV, timeout=300)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{log[-8000:]}")

@@ -3,10 +3,13 @@ environment, working directory, uncaught exceptions, timeouts, and no state betw
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 
+from cli_server import run_fresh
 from conftest import run_command
 
 SCRIPT = """
@@ -40,3 +43,13 @@ def test_runs_like_a_fresh_interpreter(tmp_path, monkeypatch):
         run_command(script, "sleep", cwd=tmp_path, timeout=1)
     assert f'File "{script}", line 11 in <module>' in timeout.value.stderr  # a timed-out command shows where it hung
     assert run_command(script, 0, cwd=tmp_path).returncode == 0  # the server survives a killed command
+
+
+def test_fresh_interpreter_shows_where_a_timed_out_command_hung(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    with pytest.raises(subprocess.TimeoutExpired) as timeout:
+        run_fresh([sys.executable, str(script)], cwd=tmp_path, env=dict(os.environ), timeout=1)
+    assert f'File "{script}", line 2 in <module>' in timeout.value.stderr
+    done = run_fresh([sys.executable, "-c", "print('ok')"], cwd=tmp_path, env=dict(os.environ), timeout=60)
+    assert done.returncode == 0 and done.stdout == "ok\n"
