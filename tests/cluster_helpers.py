@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,10 +50,14 @@ def run_main(*args, cwd: Path) -> str:
     a forked copy of the test server (one such run hung at exit once, not reproduced)."""
     flags = [str(a) for a in args]
     ranks = int(flags[flags.index("--num-gpus") + 1]) if "--num-gpus" in flags else 1
-    if ranks > 1:
-        proc = run_fresh(main_command(*args), cwd=cwd, env=ENV, timeout=300)
-    else:
-        proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV, timeout=300)
+    try:
+        if ranks > 1:
+            proc = run_fresh(main_command(*args), cwd=cwd, env=ENV, timeout=300)
+        else:
+            proc = run_command(REPO / "main.py", *args, cwd=cwd, env=ENV, timeout=300)
+    except subprocess.TimeoutExpired as hung:  # pytest would show the command only, not the stacks
+        raise AssertionError(f"main.py hung ({hung.timeout} s); its output with every process's stacks:\n"
+                             f"{(hung.stdout or '')[-4000:]}\n{(hung.stderr or '')[-16000:]}") from None
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{log[-8000:]}")
