@@ -81,6 +81,15 @@ def _run_child(request: dict) -> int:
     return 0
 
 
+def _abort_group(group: int) -> None:
+    """A timed-out command's process group: SIGABRT (every Python process prints its stacks,
+    see the module docstring), a moment to write them, then SIGKILL."""
+    os.killpg(group, signal.SIGABRT)
+    time.sleep(3)
+    with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+        os.killpg(group, signal.SIGKILL)
+
+
 def _wait(pid: int, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -88,10 +97,7 @@ def _wait(pid: int, timeout: float) -> dict:
         if done:
             return {"returncode": os.waitstatus_to_exitcode(status), "timeout": False}
         if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGABRT)  # stacks to stderr (faulthandler), see the module docstring
-            time.sleep(3)
-            with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
-                os.killpg(pid, signal.SIGKILL)
+            _abort_group(pid)
             os.waitpid(pid, 0)
             return {"returncode": -signal.SIGKILL, "timeout": True}
         time.sleep(0.05)
@@ -120,10 +126,7 @@ def run_fresh(command: list[str], cwd: Path, env: dict, timeout: float) -> subpr
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGABRT)
-        time.sleep(3)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _abort_group(proc.pid)
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
