@@ -11,9 +11,12 @@ from fairchem.core.datasets import data_list_collater
 from fairchem.core.models.equiformer_v2.trainers.lr_scheduler import LRScheduler
 
 from fixed_point_toys import CoupledToy
+from ocp_deq.deq import engine
 from ocp_deq.deq.contraction import contraction_penalty, spectral_radius
+from ocp_deq.deq.gradients import phantom
 from ocp_deq.deq.settings import SolverSettings
 from ocp_deq.deq.solvers import solve
+from ocp_deq.models.deq_equiformer_v2 import EquiformerFixedPoint
 from ocp_deq.trainers.wall_clock import follow_budget
 from test_gradients import MOLECULE, build, float64, molecule_batch  # noqa: F401  (fixture)
 
@@ -160,3 +163,69 @@ def test_contraction_penalty_below_its_target_is_zero_without_the_differentiated
     loss, rho = contraction_penalty(problem, z_star, 30, target=0.9)
     assert loss.item() == 0 and not loss.requires_grad and (rho < 0.9).all()
     torch.testing.assert_close(rho, spectral_radius(problem, z_star, iters=29), rtol=0.02, atol=0)
+
+
+def _training_step(model, batch):
+    """Loss (energy, a fixed projection of the forces, the Jacobian term) and its gradients;
+    the number of evaluations of f the forward made."""
+    calls, f = [], EquiformerFixedPoint.f
+
+    def counted(self, z):
+        calls.append(z.shape[0])
+        return f(self, z)
+
+    EquiformerFixedPoint.f = counted
+    try:
+        torch.manual_seed(5)
+        out = model(batch)
+    finally:
+        EquiformerFixedPoint.f = f
+    weights = torch.linspace(-1, 1, out["forces"].numel()).view_as(out["forces"])
+    loss = out["energy"].sum() + (out["forces"] * weights).sum() + out.get("deq_jac_loss", 0.0)
+    model.zero_grad()
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.detach(), grads, len(calls), out["deq_nstep"]
+
+
+@pytest.mark.parametrize("jacobian", [{}, {"weight": 1.0, "freq": 1.0, "kind": "spectral", "target": 1e-3, "power_iters": 2},
+                                      {"weight": 1.0, "freq": 1.0, "kind": "frobenius"}], ids=["plain", "spectral", "frobenius"])
+@pytest.mark.parametrize("moved", [False, True], ids=["converged-start", "changed-frame"])
+def test_warm_training_step_takes_the_phantom_step_from_the_solves_evaluation(monkeypatch, jacobian, moved):
+    """A warm training solve evaluates f(z0) with autograd; when every graph passes its first
+    check, that evaluation is the phantom step's (and the penalty's): one evaluation of f in
+    the step instead of two, with the reference path's loss and gradients."""
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(engine, "FUSE_WARM_TRAINING_EVALUATION", fused)
+        model = build("phantom", solver={"solver": "anderson", "tol": 1e-2, "max_iter": 40},
+                      train_start={"enabled": True, "dtype": "float32"}, jacobian=jacobian).train()
+        torch.manual_seed(5)
+        model(frames([0, 1], [0, 0]))  # fills the training memory
+        batch = frames([0, 1], [0, 0])
+        if moved:  # frame (1, 0) changed: its stored fixed point is a start, not a solution
+            batch.pos[int((batch.batch == 1).nonzero()[0])] += torch.tensor([0.3, -0.2, 0.1])
+        results[fused] = _training_step(model, batch)
+    (loss, grads, calls, nstep), (ref_loss, ref_grads, ref_calls, ref_nstep) = results[True], results[False]
+    assert torch.equal(nstep, ref_nstep)
+    if moved:
+        assert nstep[1] > 1 and calls == ref_calls == int(nstep.max()) + 1
+    else:
+        assert (nstep == 1).all() and (calls, ref_calls) == (1, 2)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    assert torch.allclose(grads, ref_grads, rtol=1e-9, atol=1e-12)
+
+
+def test_phantom_step_starts_where_the_solve_last_evaluated_f():
+    """The phantom step's output has the value of the solve's own output, so training and
+    evaluation forwards predict the same: Anderson's and the plain iteration's output is f at
+    their last point; Broyden's output is that point itself (its phantom step goes one further)."""
+    problem = CoupledToy([3, 5, 2], [0.3, 0.7, 0.95])
+    for solver in ("anderson", "fixed_point_iter", "broyden"):
+        solution = solve(problem, problem.zeros(), SolverSettings(solver=solver, tol=1e-3, max_iter=80))
+        assert solution.converged.all()
+        if solver == "broyden":
+            assert torch.equal(solution.z_in, solution.z)
+        else:
+            assert not torch.equal(solution.z_in, solution.z)
+            assert torch.equal(phantom(problem, solution.z_in, 1, 1.0), solution.z), solver

@@ -21,10 +21,12 @@ def test_tighter_tolerance_costs_evaluations_and_buys_agreement(trained_deq, toy
     assert tight["warm_nstep_per_md_step"] > loose["warm_nstep_per_md_step"]
     for key in ("warm_vs_cold", "cold_error", "warm_error"):
         assert tight["mean"][key] < loose["mean"][key], key
-    # every degree of the accepted cold states is near the tolerance the whole state met
+    # the residuals are the accepted cold states': the whole state's residual (below tol) is a
+    # norm-weighted mean over the degrees, so the smallest is below tol; a small block (l = 1,
+    # l = 2) can lag by a few times tol, never by the orders of magnitude of a first iterate
     for run in (loose, tight):
         degrees = run["mean_cold_degree_residuals"]
-        assert len(degrees) == 3 and max(degrees) < 3 * run["tol"], degrees
+        assert len(degrees) == 3 and min(degrees) < run["tol"] and max(degrees) < 10 * run["tol"], degrees
     assert "| 0.001 |" in (out / "force_tolerance.md").read_text()
     import ocp_deq.deq.solvers as solvers
     assert solvers._Run.check.__name__ == "check"  # the recording wrapper is gone again

@@ -43,17 +43,22 @@ def spectral_radius(problem: FixedPointProblem, z_star: torch.Tensor, iters: int
 
 
 def contraction_penalty(problem: FixedPointProblem, z_star: torch.Tensor, iters: int, target: float,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        f_z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """mean over graphs of relu(rho - target)^2, rho the power-iteration estimate above with
     its last step differentiated w.r.t. f's parameters (z* itself is a constant), and the
     per-graph rho [B] (detached). Aims at the slowest mode of J, which sets the solver's
     evaluations, where the Frobenius penalty spreads its push over all of J's directions.
     When no graph is above ``target`` after ``iters - 1`` steps, the penalty is 0 and the
-    costly differentiated step is skipped (that earlier estimate is returned)."""
+    costly differentiated step is skipped (that earlier estimate is returned). ``f_z``:
+    f(z_star) with autograd, ``z_star`` the leaf it was evaluated at, if already evaluated."""
     segments = problem.segments
     v = _unit_start(z_star, segments, generator)
-    z = z_star.detach().requires_grad_()
-    fz = problem.f(z)
+    if f_z is None:
+        z = z_star.detach().requires_grad_()
+        fz = problem.f(z)
+    else:
+        z, fz = z_star, f_z
     rho, v = _power_steps(fz, z, v, segments, int(iters) - 1, keep_graph=True)
     if rho is not None and not (rho > target).any():
         return fz.new_zeros(()), rho.detach()

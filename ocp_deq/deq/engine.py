@@ -6,6 +6,7 @@ graph-only work done once); everything about finding and differentiating z* is h
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,10 @@ from ocp_deq.deq.problem import FixedPointProblem
 from ocp_deq.deq.reuse import FixedPointCache
 from ocp_deq.deq.settings import DEQSettings, SolverSettings
 from ocp_deq.deq.solvers import Solution, solve
+
+# Warm-started training solves evaluate f(z0) with autograd (tests compare against False:
+# the same loss and gradients with one more evaluation of f).
+FUSE_WARM_TRAINING_EVALUATION = True
 
 # Per-graph solver statistics in every DEQ model output.
 SOLVER_STAT_KEYS = ("deq_nstep", "deq_residual", "deq_converged")
@@ -55,13 +60,17 @@ def correction_steps(solver: SolverSettings, n_states: int) -> list[int]:
 
 
 def solve_from_starts(problem: FixedPointProblem, z0: torch.Tensor, warm: torch.Tensor | None,
-                      settings: DEQSettings, solver: SolverSettings, keep_steps=()) -> Solution:
+                      settings: DEQSettings, solver: SolverSettings, keep_steps=(),
+                      first: torch.Tensor | None = None) -> Solution:
     """Cold graphs with ``solver``; warm ones with ``reuse.solver`` (and ``solver`` after it
-    where it stopped unconverged, with ``reuse.fallback``). One problem, no re-encoding."""
+    where it stopped unconverged, with ``reuse.fallback``). One problem, no re-encoding.
+    ``first``: f(z0), already evaluated (one solver for all graphs only)."""
+    if _one_solver(warm, settings, solver):
+        return solve(problem, z0, solver, keep_steps, first=first)
+    if first is not None:
+        raise ValueError("a known first evaluation needs one solver for every graph")
     reuse = settings.reuse
     warm_solver = reuse.solver or solver
-    if warm is None or not warm.any() or warm_solver == solver:
-        return solve(problem, z0, solver, keep_steps)
     out = Solution.empty(z0, problem.segments.num_graphs, len(keep_steps))
     for mask, part_solver in ((warm, warm_solver), (~warm, solver)):
         if mask.any():
@@ -70,6 +79,27 @@ def solve_from_starts(problem: FixedPointProblem, z0: torch.Tensor, warm: torch.
     if reuse.fallback and retry.any():
         _solve_part(problem, retry, out.z, solver, keep_steps, out, add_steps=True)
     return out
+
+
+def _one_solver(warm: torch.Tensor | None, settings: DEQSettings, solver: SolverSettings) -> bool:
+    return warm is None or not warm.any() or (settings.reuse.solver or solver) == solver
+
+
+@dataclass
+class _Linearisation:
+    """f evaluated with autograd at z (a leaf requiring grad when df/dz is wanted)."""
+
+    z: torch.Tensor
+    fz: torch.Tensor
+    seconds: float = 0.0
+
+    @classmethod
+    def at(cls, problem: FixedPointProblem, z: torch.Tensor, wrt_z: bool) -> "_Linearisation":
+        start = time.perf_counter()
+        z = z.detach().requires_grad_(wrt_z)
+        with torch.enable_grad():
+            fz = problem.f(z)
+        return cls(z, fz, time.perf_counter() - start)
 
 
 def _solve_part(problem: FixedPointProblem, mask: torch.Tensor, z0: torch.Tensor, solver: SolverSettings,
@@ -104,31 +134,47 @@ def equilibrium(problem: FixedPointProblem, settings: DEQSettings, like: torch.T
     mode = settings.gradient
     if mode == "phantom" and exact_grad:
         mode = "ift"
+    jacobian_due = needs_grad and training and _jacobian_due(settings)
+    linear = None  # f with autograd at the solve's last evaluation point, shared by phantom step and penalty
     if needs_grad and mode == "bptt":
         z, solution = gradients.unrolled(problem, z0, solver)
         result = Equilibrium(z, solution, warm=warm)
     else:
         n_states = int(settings.correction.n_states) if (training and needs_grad) else 1
+        phantom = needs_grad and mode == "phantom"
+        if phantom and FUSE_WARM_TRAINING_EVALUATION and warm is not None and warm.all() \
+                and _one_solver(warm, settings, solver):
+            # warm training starts mostly pass their first check: evaluating f(z0) with autograd
+            # then serves as the solve's evaluation and the phantom step's (same values)
+            linear = _Linearisation.at(problem, z0, wrt_z=jacobian_due)
         with torch.no_grad():
-            solution = solve_from_starts(problem, z0, warm, settings, solver, correction_steps(solver, n_states))
+            solution = solve_from_starts(problem, z0, warm, settings, solver, correction_steps(solver, n_states),
+                                         first=None if linear is None else linear.fz.detach())
+        if linear is not None:
+            solution.work.f_seconds += linear.seconds
+            solution.work.seconds += linear.seconds
+            if not bool((solution.nstep == 1).all()):  # some graph went on: z_in is not z0 there
+                linear = None
         result = Equilibrium(solution.z, solution, warm=warm)
         if needs_grad:
             if mode == "ift":
                 result.z, result.backward = gradients.implicit(problem, solution.z, settings.backward_solver)
             else:
-                result.z = gradients.phantom(problem, solution.z, settings.grad_steps, settings.grad_tau)
+                linear = linear or _Linearisation.at(problem, solution.z_in, wrt_z=jacobian_due)
+                result.z = gradients.phantom(problem, linear.z, settings.grad_steps, settings.grad_tau, linear.fz)
             # correction states always use phantom steps (their own fixed points do not exist)
             result.states = [gradients.phantom(problem, s, settings.grad_steps, settings.grad_tau)
                              for s in solution.states]
-    if needs_grad and training and _jacobian_due(settings):
+    if jacobian_due:
+        linear = linear or _Linearisation.at(problem, solution.z_in, wrt_z=True)
         jac = settings.jacobian
         if jac.kind == "spectral":
-            result.jacobian_loss, rho = contraction_penalty(problem, solution.z, int(jac.power_iters), float(jac.target))
+            result.jacobian_loss, rho = contraction_penalty(problem, linear.z, int(jac.power_iters), float(jac.target),
+                                                            f_z=linear.fz)
             if jac.freq >= 1:  # a training metric only when every step (on every rank) has it
                 result.contraction = rho
         else:
-            zj = solution.z.detach().requires_grad_()
-            result.jacobian_loss = jac_reg(problem.f(zj), zj, vecs=int(jac.vectors))
+            result.jacobian_loss = jac_reg(linear.fz, linear.z, vecs=int(jac.vectors))
     if contraction_iters > 0:
         result.contraction = spectral_radius(problem, solution.z, contraction_iters)
     if cache is not None:

@@ -1,6 +1,7 @@
 """Gradients through a fixed point: phantom steps, implicit differentiation, unrolling.
 
-- phantom: ``steps`` damped applications of f at z* with autograd (parameters only).
+- phantom: ``steps`` damped applications of f with autograd (parameters only), from the
+  point of the solve's last evaluation, so that the first one has the solve's output value.
 - IFT: one application of f at z* with autograd, whose incoming gradient g is replaced by
   the solution of the adjoint equation y = J^T y + g (J = df/dz at z*), solved per graph
   with the same active-set solvers as the forward pass: each graph's adjoint leaves when
@@ -18,10 +19,14 @@ from ocp_deq.deq.settings import SolverSettings
 from ocp_deq.deq.solvers import Solution, solve
 
 
-def phantom(problem: FixedPointProblem, z_star: torch.Tensor, steps: int, tau: float) -> torch.Tensor:
-    z = z_star.detach()
-    for _ in range(int(steps)):
-        z = tau * problem.f(z) + (1 - tau) * z
+def phantom(problem: FixedPointProblem, z: torch.Tensor, steps: int, tau: float,
+            f_z: torch.Tensor | None = None) -> torch.Tensor:
+    """``steps`` applications of z -> tau f(z) + (1 - tau) z from ``z`` (a constant, or a leaf
+    whose own gradient is not wanted); ``f_z``: f(z) with autograd, if already evaluated."""
+    z = z if z.requires_grad else z.detach()
+    for step in range(int(steps)):
+        fz = f_z if step == 0 and f_z is not None else problem.f(z)
+        z = tau * fz + (1 - tau) * z
     return z
 
 
@@ -85,7 +90,7 @@ def unrolled(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSetti
     stats = Solution.empty(z0.detach(), B)
     graph_ids = torch.arange(B, device=z0.device)
     node_ids = torch.arange(z0.shape[0], device=z0.device)
-    finished, finished_nodes = [], []
+    finished, finished_in, finished_nodes = [], [], []
     z = z0
     for evaluation in range(1, int(settings.max_iter) + 1):
         seg = problem.segments
@@ -106,6 +111,7 @@ def unrolled(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSetti
         if leaving.any():
             nodes = seg.node_mask(leaving)
             finished.append(fz[nodes])
+            finished_in.append(z[nodes].detach())
             finished_nodes.append(node_ids[nodes])
         if leaving.all():
             break
@@ -117,7 +123,7 @@ def unrolled(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSetti
         else:
             z = fz
     order = torch.argsort(torch.cat(finished_nodes))
-    stats.z = torch.cat(finished)[order]
+    stats.z, stats.z_in = torch.cat(finished)[order], torch.cat(finished_in)[order]
     return stats.z, stats
 
 

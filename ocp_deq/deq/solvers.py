@@ -9,7 +9,10 @@ All inner products are per graph, so a graph's iterates are those it would have 
 Anderson and Broyden follow torchdeq's formulas (same iterates: tests/test_solver.py);
 unlike torchdeq, the residual is checked after *every* evaluation, so a warm start that is
 already converged costs one evaluation. A graph that never meets the tolerance returns its
-last state and residual. ``max_iter`` counts evaluations of f for every solver.
+last state and residual. ``max_iter`` counts evaluations of f for every solver. Each graph
+also returns the point of its last evaluation (``Solution.z_in``): phantom gradients and
+the Jacobian penalties differentiate f there, so their first f(z_in) has the value of the
+solve's own output and a training step can take it from the solve's evaluation.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Solution:
     """Per-graph result of a solve: states [N, ...], and per graph [B] values."""
 
     z: torch.Tensor
+    z_in: torch.Tensor  # where f was last evaluated: f(z_in) is z (Anderson, fixed-point iteration); Broyden: z_in = z
     nstep: torch.Tensor
     residual: torch.Tensor  # relative: |f(z) - z| / |f(z)|
     abs_residual: torch.Tensor
@@ -55,13 +59,13 @@ class Solution:
     @classmethod
     def empty(cls, like: torch.Tensor, num_graphs: int, n_states: int = 0) -> "Solution":
         per_graph = like.new_zeros(num_graphs)
-        return cls(torch.zeros_like(like), per_graph.clone(), per_graph.clone(), per_graph.clone(),
+        return cls(torch.zeros_like(like), torch.zeros_like(like), per_graph.clone(), per_graph.clone(), per_graph.clone(),
                    torch.zeros(num_graphs, dtype=torch.bool, device=like.device),
                    [torch.zeros_like(like) for _ in range(n_states)])
 
     def put(self, graphs: torch.Tensor, nodes: torch.Tensor, part: "Solution", add_steps: bool = False) -> None:
         """Write ``part`` (a solve on ``graphs`` / ``nodes`` of this batch) into this solution."""
-        self.z[nodes] = part.z
+        self.z[nodes], self.z_in[nodes] = part.z, part.z_in
         self.nstep[graphs] = part.nstep + (self.nstep[graphs] if add_steps else 0)
         self.residual[graphs] = part.residual
         self.abs_residual[graphs] = part.abs_residual
@@ -74,8 +78,10 @@ class Solution:
 class _Run:
     """Active-set bookkeeping shared by the solvers: counted f, retirement of graphs."""
 
-    def __init__(self, problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSettings, keep_steps):
+    def __init__(self, problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSettings, keep_steps,
+                 first: torch.Tensor | None = None):
         self.problem, self.segments = problem, problem.segments
+        self.first = first  # f(z0), when the caller evaluated it already
         self.tol, self.stop_mode = float(settings.tol), settings.stop_mode
         B = self.segments.num_graphs
         self.graph_ids = torch.arange(B, device=z0.device)
@@ -83,11 +89,14 @@ class _Run:
         self.out = Solution.empty(z0, B, len(keep_steps))
         self.keep_steps = list(keep_steps)
         self.recorded_until = torch.zeros(B, dtype=torch.long, device=z0.device)  # last kept step written
-        self.state = self.relative = self.absolute = None  # the latest evaluation's, per active graph
+        self.state = self.point = self.relative = self.absolute = None  # the latest evaluation's, per active graph
 
     def f(self, z: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        fz = self.problem.f(z)
+        if self.first is not None:  # the first evaluation is always f(z0)
+            fz, self.first = self.first, None
+        else:
+            fz = self.problem.f(z)
         work = self.out.work
         work.calls += 1
         work.graph_evaluations += self.segments.num_graphs
@@ -101,7 +110,7 @@ class _Run:
         absolute = seg.norm(fx - x)
         relative = absolute / (seg.norm(fx) + 1e-9)
         residual = relative if self.stop_mode == "rel" else absolute
-        self.state, self.relative, self.absolute = state, relative, absolute
+        self.state, self.point, self.relative, self.absolute = state, x, relative, absolute
         if evaluation in self.keep_steps:
             k = self.keep_steps.index(evaluation)
             self.out.states[k][self.node_ids] = state
@@ -116,6 +125,7 @@ class _Run:
         ids, node_ids = self.graph_ids[graphs], self.node_ids[nodes]
         out = self.out
         out.z[node_ids] = self.state[nodes]
+        out.z_in[node_ids] = self.point[nodes]
         out.nstep[ids] = float(evaluation)
         out.residual[ids] = self.relative[graphs]
         out.abs_residual[ids] = self.absolute[graphs]
@@ -229,14 +239,16 @@ class _FixedPointIteration:
         self.x = self.x[nodes]
 
 
-def solve(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSettings, keep_steps=()) -> Solution:
+def solve(problem: FixedPointProblem, z0: torch.Tensor, settings: SolverSettings, keep_steps=(),
+          first: torch.Tensor | None = None) -> Solution:
     """Solve z = f(z) per graph from ``z0`` [N, ...]; f only on graphs still iterating.
 
     ``keep_steps``: evaluation counts at which to keep each graph's state
     (for fixed-point correction losses; a graph done earlier keeps its final state).
+    ``first``: f(z0) if already known (it still counts as the first evaluation).
     """
     start = time.perf_counter()
-    run = _Run(problem, z0, settings, keep_steps)
+    run = _Run(problem, z0, settings, keep_steps, first)
     if settings.solver == "anderson":
         method = _Anderson(run, z0, settings.anderson_m)
     elif settings.solver == "broyden":
