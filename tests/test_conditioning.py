@@ -165,21 +165,14 @@ def test_contraction_penalty_below_its_target_is_zero_without_the_differentiated
     torch.testing.assert_close(rho, spectral_radius(problem, z_star, iters=29), rtol=0.02, atol=0)
 
 
-def _training_step(model, batch):
+def _training_step(model, batch, monkeypatch):
     """Loss (energy, a fixed projection of the forces, the Jacobian term) and its gradients;
     the number of evaluations of f the forward made."""
     calls, f = [], EquiformerFixedPoint.f
-
-    def counted(self, z):
-        calls.append(z.shape[0])
-        return f(self, z)
-
-    EquiformerFixedPoint.f = counted
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(EquiformerFixedPoint, "f", lambda self, z: calls.append(z.shape[0]) or f(self, z))
         torch.manual_seed(5)
         out = model(batch)
-    finally:
-        EquiformerFixedPoint.f = f
     weights = torch.linspace(-1, 1, out["forces"].numel()).view_as(out["forces"])
     loss = out["energy"].sum() + (out["forces"] * weights).sum() + out.get("deq_jac_loss", 0.0)
     model.zero_grad()
@@ -205,7 +198,7 @@ def test_warm_training_step_takes_the_phantom_step_from_the_solves_evaluation(mo
         batch = frames([0, 1], [0, 0])
         if moved:  # frame (1, 0) changed: its stored fixed point is a start, not a solution
             batch.pos[int((batch.batch == 1).nonzero()[0])] += torch.tensor([0.3, -0.2, 0.1])
-        results[fused] = _training_step(model, batch)
+        results[fused] = _training_step(model, batch, monkeypatch)
     (loss, grads, calls, nstep), (ref_loss, ref_grads, ref_calls, ref_nstep) = results[True], results[False]
     assert torch.equal(nstep, ref_nstep)
     if moved:
